@@ -1,0 +1,165 @@
+"""`LowBitHfQuantizer`: the transformers plugin behind `quant_method="hf_lowbit"`.
+
+Lifecycle inside `from_pretrained`:
+1. `validate_environment` / `update_dtype` / `update_device_map`: fail early with clear errors.
+2. `_process_model_before_weight_loading` (model on the meta device): swap the linears inside decoder blocks for
+   `LowBitLinear`: master weights for ``mode="train"``; packed parameters for a pre-quantized ``mode="infer"``
+   checkpoint (loaded by name); a float placeholder `weight` for quantize-on-load into ``mode="infer"``.
+3. Quantize-on-load: `param_needs_quantization` marks those placeholders, `LowBitQuantizeOp` packs each weight as
+   it arrives and writes the packed parameters into the module.
+4. `_process_model_after_weight_loading`: freeze packed parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from .config import LowBitConfig
+from .layers import LowBitLinear
+from .replace import swap_linears
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class LowBitQuantizeOp(ConversionOps):
+    """Quantize-on-load: pack a float checkpoint weight straight into its `LowBitLinear` (no float copy kept)."""
+
+    def __init__(self, hf_quantizer: "LowBitHfQuantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
+                missing_keys: set[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        for key, value in input_dict.items():
+            tensor = value[0] if isinstance(value, list) else value
+            module, tensor_name = get_module_from_name(model, key)
+            if not isinstance(module, LowBitLinear) or tensor_name != "weight":
+                raise ValueError(f"hf_lowbit: unexpected tensor {key!r} in quantize-on-load")
+            with torch.no_grad():
+                module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
+                module.mode = "train"
+                module.to_infer()
+            for name in ("weight", "weight_scale", "weight_tensor_scale"):
+                param = getattr(module, name, None)
+                if param is not None:  # tells transformers not to run its random init over the packed data
+                    param._is_hf_initialized = True
+            prefix = key.rsplit(".", 1)[0]
+            if missing_keys is not None:
+                for suffix in ("weight", "weight_scale", "weight_tensor_scale"):
+                    missing_keys.discard(f"{prefix}.{suffix}")
+        return {}
+
+
+class LowBitHfQuantizer(HfQuantizer):
+    """Swaps linears for mean-centred FP4 `LowBitLinear` modules; trainable (QAT) in mode='train'."""
+
+    requires_calibration = False
+    quantization_config: LowBitConfig
+
+    def __init__(self, quantization_config: LowBitConfig, **kwargs: Any) -> None:
+        if isinstance(quantization_config, dict):
+            quantization_config = LowBitConfig(**quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    # -- environment ---------------------------------------------------------------------------------------------
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        cfg = self.quantization_config
+        if cfg.backend == "triton":
+            from .backend import available_backends
+
+            if not torch.cuda.is_available() or "triton" not in available_backends("cuda"):
+                raise RuntimeError("LowBitConfig: backend='triton' needs a CUDA GPU and the `triton` package "
+                                   "(pip install 'hf-lowbit[gpu]'); use backend='auto' to fall back to torch")
+        if isinstance(device_map, dict) and "disk" in set(map(str, device_map.values())):
+            raise ValueError("hf_lowbit does not support disk offload (device_map values 'disk'); "
+                             "use GPU and CPU devices only")
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is None:
+            return torch.float32
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"hf_lowbit: dtype={dtype} is not supported; allowed: {list(_FLOAT_DTYPES)} "
+                             "(the high-precision dtype of master weights, activations and unconverted modules)")
+        return dtype
+
+    def update_device_map(self, device_map: Any) -> Any:
+        return device_map
+
+    # -- module swap -----------------------------------------------------------------------------------------------
+    def modules_to_skip(self, model: nn.Module) -> list[str]:
+        """User patterns + transformers' defaults (tied/output embeddings) + `_keep_in_fp32_modules`."""
+        return self.get_modules_to_not_convert(model, list(self.quantization_config.modules_to_not_convert),
+                                               getattr(model, "_keep_in_fp32_modules", None) or None,
+                                               add_default_skips=True)
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.modules_to_skip(model)
+        packed_storage = cfg.mode == "infer" and self.pre_quantized
+        names = swap_linears(model, cfg, self.modules_to_not_convert, "infer" if packed_storage else "train")
+        if cfg.mode == "infer" and not self.pre_quantized:
+            for name in names:  # float placeholder `weight` receives the checkpoint tensor, then gets packed
+                module = model.get_submodule(name)
+                module.mode = "infer"
+                module._make_packed_params(device=module.weight.device)
+                module.weight = nn.Parameter(torch.empty(module.out_features, module.in_features,
+                                                         dtype=module.compute_dtype, device="meta"),
+                                             requires_grad=False)
+        self.converted_modules = names
+        return model
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized or self.quantization_config.mode != "infer":
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, LowBitLinear) and tensor_name == "weight" and module.mode == "infer"
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return LowBitQuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, LowBitLinear) and module.mode == "infer":
+                for name in ("weight", "weight_scale", "weight_tensor_scale"):
+                    p = getattr(module, name, None)
+                    if p is not None:
+                        p.requires_grad_(False)
+        return model
+
+    # -- capabilities ----------------------------------------------------------------------------------------------
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        """Train mode: full QAT. Infer mode: adapters (PEFT) on the frozen packed base."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Full-parameter training needs master weights, i.e. mode='train'."""
+        return self.quantization_config.mode == "train"
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """Replace every LowBitLinear by a plain nn.Linear holding the weight the FP4 forward saw."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowBitLinear):
+                w = module.dequantized_weight(dtype or module.compute_dtype)
+                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if module.bias is not None:
+                        lin.bias.copy_(module.bias)
+                model.set_submodule(name, lin)
+        return model
+
