@@ -30,6 +30,9 @@ from . import numerics  # noqa: E402
 from .finalize import finalize  # noqa: E402
 from .layers import LowBitLinear  # noqa: E402
 from .replace import convert  # noqa: E402
+from . import peft_support as _peft_support  # noqa: E402
+
+_peft_support.install()
 
 __all__ = ["LowBitConfig", "LowBitHfQuantizer", "LowBitLinear", "Recipe", "convert", "finalize", "numerics",
            "__version__"]

@@ -109,6 +109,11 @@ class PackedTensor:
             n += self.tensor_scale.numel() * self.tensor_scale.element_size()
         return n
 
+    def clone(self) -> "PackedTensor":
+        ts = None if self.tensor_scale is None else self.tensor_scale.detach().clone()
+        return PackedTensor(self.codes.detach().clone(), self.scales.detach().clone(), ts, self.shape, self.axis,
+                            self.format, self.block_2d)
+
     def to(self, device: torch.device | str) -> "PackedTensor":
         ts = None if self.tensor_scale is None else self.tensor_scale.to(device)
         return PackedTensor(self.codes.to(device), self.scales.to(device), ts, self.shape, self.axis, self.format,

@@ -151,6 +151,8 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Replace every LowBitLinear by a plain nn.Linear holding the weight the FP4 forward saw."""
+        if isinstance(dtype, str):  # transformers passes config.dtype, e.g. "bfloat16"
+            dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, LowBitLinear):
                 w = module.dequantized_weight(dtype or module.compute_dtype)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random Hugging Face models saved to a temp dir, reloaded through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def tiny_config(kind: str):
+    """Configs from HF_INTEGRATION.md: run forward+backward on a CPU in milliseconds."""
+    from transformers import LlamaConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    if kind == "qwen3":
+        return Qwen3Config(**COMMON, head_dim=16)
+    if kind == "llama":
+        return LlamaConfig(**COMMON)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":
+        return Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                              num_experts_per_tok=2)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Returns a function kind -> path of a saved tiny random float32 model (built once per session)."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, str] = {}
+
+    def make(kind: str) -> str:
+        if kind not in cache:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(kind))
+            path = tmp_path_factory.mktemp(kind)
+            model.save_pretrained(path)
+            cache[kind] = str(path)
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture
+def input_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 24), generator=g)
