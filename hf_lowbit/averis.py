@@ -153,6 +153,11 @@ class AverisLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                 seed: int) -> torch.Tensor:
+        with torch.autocast(x2d.device.type, enabled=False):  # the op's FP32 arithmetic is part of its numerics
+            return AverisLinearFunction._forward(ctx, x2d, weight, bias, recipe, seed)
+
+    @staticmethod
+    def _forward(ctx, x2d, weight, bias, recipe, seed):
         need_wgrad = ctx.needs_input_grad[1]
         need_dgrad = ctx.needs_input_grad[0]
         gen = make_generator(mix_seed(seed, 1), x2d.device) if (recipe.sr_activations or recipe.sr_weights) else None
@@ -186,6 +191,11 @@ class AverisLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        with torch.autocast(dy.device.type, enabled=False):
+            return AverisLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         recipe, seed, px_meta, pw_meta, has_mu_x, has_bias, n_tokens = ctx.meta
         weight, *rest = ctx.saved_tensors
         px = pw = None
@@ -241,6 +251,11 @@ def averis_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def packed_linear(x: torch.Tensor, packed_weight: PackedTensor, bias: torch.Tensor | None,
                   recipe: Recipe) -> torch.Tensor:
     """Inference forward on a packed weight: W4A4 with Averis (exactly the training forward with RTN) or W4A16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _packed_linear(x, packed_weight, bias, recipe)
+
+
+def _packed_linear(x, packed_weight, bias, recipe):
     w_q = dequantize(packed_weight)
     if recipe.activations == "none":
         return torch.nn.functional.linear(x, w_q.to(x.dtype), None if bias is None else bias.to(x.dtype))

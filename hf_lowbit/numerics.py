@@ -124,6 +124,19 @@ class PackedTensor:
 # Element rounding
 # ----------------------------------------------------------------------------------------------------------------
 
+_RTN_BOUNDARY_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _rtn_boundaries(device: torch.device) -> torch.Tensor:
+    b = _RTN_BOUNDARY_CACHE.get(device)
+    if b is None:
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+        lower_code_odd = torch.tensor([False, True, False, True, False, True, False])
+        b = torch.where(lower_code_odd, torch.nextafter(mids, torch.zeros(())), mids).to(device)
+        _RTN_BOUNDARY_CACHE[device] = b
+    return b
+
+
 def round_to_e2m1(a: torch.Tensor, rounding: Rounding = "rtn", generator: torch.Generator | None = None,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """Round already-scaled FP32 values to 4-bit E2M1 codes (uint8, one code per element).
@@ -135,13 +148,12 @@ def round_to_e2m1(a: torch.Tensor, rounding: Rounding = "rtn", generator: torch.
     a = a.float()
     mag = a.abs()
     if rounding == "rtn":
-        # Boundaries between neighbouring codes; at an exact tie the even code wins: strict '>' keeps the lower code
-        # when it is even, '>=' moves to the upper code when that one is even.
-        idx = ((mag > 0.25).to(torch.uint8) + (mag >= 0.75) + (mag > 1.25) + (mag >= 1.75) + (mag > 2.5)
-               + (mag >= 3.5) + (mag > 5.0))
+        # Count the code boundaries strictly below |a|. At an exact tie the even code wins: boundaries whose lower
+        # code is even stay as they are (a tie stays below), the others are moved one ulp down (a tie goes up).
+        idx = torch.bucketize(torch.nan_to_num(mag, nan=0.0).contiguous(), _rtn_boundaries(a.device))
     elif rounding == "sr":
         grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=a.device)
-        clipped = torch.nan_to_num(mag.clamp(max=E2M1_MAX), nan=0.0)
+        clipped = torch.nan_to_num(mag.clamp(max=E2M1_MAX), nan=0.0).contiguous()
         lo = (torch.bucketize(clipped, grid, right=True) - 1).clamp(0, 6)
         lo_val = grid[lo]
         hi_val = grid[lo + 1]
@@ -191,6 +203,7 @@ def _nvfp4_block_scales(block_amax: torch.Tensor, tensor_scale: torch.Tensor) ->
     safe_ts = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
     s = (block_amax.float() / E2M1_MAX) / safe_ts
     s = torch.where(tensor_scale == 0, torch.zeros_like(s), s)
+    s = torch.where(torch.isfinite(block_amax), s, torch.full_like(s, float("nan")))  # e.g. a forced tensor scale
     return s.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)  # clamp keeps NaN; NaN converts to the E4M3 NaN
 
 
@@ -281,8 +294,9 @@ def _quantize_blocked(blocks: torch.Tensor, fmt: FP4Format, reduce_dims: tuple[i
         ts = nvfp4_tensor_scale(source) if tensor_scale is None else tensor_scale.float().reshape(())
         sb = _nvfp4_block_scales(amax, ts)
         sb_f = sb.float()
-        denom = sb_f * ts
-        scaled = torch.where(denom == 0, torch.zeros_like(blocks), blocks / torch.where(denom == 0, 1.0, denom))
+        # A block whose scale is 0 (all zeros, or underflow of E4M3) quantizes to code 0: x/0 gives ±inf or NaN,
+        # which nan_to_num maps to 0 (finite quotients are never above ~6.4 here).
+        scaled = torch.nan_to_num(blocks / (sb_f * ts), nan=0.0, posinf=0.0, neginf=0.0)
         stored = sb.view(torch.uint8)
         # NaN tensor scale: propagate NaN to every scale so every value decodes to NaN.
         sb_f = torch.where(torch.isnan(ts), torch.full_like(sb_f, float("nan")), sb_f)

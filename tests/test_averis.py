@@ -178,3 +178,12 @@ def test_packed_w4a4_forward_equals_training_forward(fmt):
         y_direct = packed_linear(x, layer.packed_weight(), layer.bias, r)
     assert layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
     assert torch.equal(y_train, y_infer) and torch.equal(y_infer, y_direct)
+
+
+def test_autocast_does_not_change_the_fp4_numerics():
+    x, w, dy = _data()
+    r = LowBitConfig(stochastic_rounding="none").recipe()
+    y, dx, dw = _run(r, x, w, dy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2, dx2, dw2 = _run(r, x, w, dy)
+    assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(dw, dw2)

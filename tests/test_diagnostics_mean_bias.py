@@ -12,6 +12,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_lowbit.diagnostics.mean_bias import (GEMM_KEYS, GRAD_SUFFIX, STAT_KEYS, MeanBiasCallback, mean_bias,
                                              summarize, tensor_mean_bias_stats)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors only: one intra-op thread avoids OpenMP spin-waiting when the CPU is shared (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 L, M = 256, 64  # tokens × channels of the synthetic tensors (spike rank max(1, ⌊0.01·64⌋) = 1)
 
 
@@ -258,21 +267,34 @@ def test_default_targets_and_input_only_mode(llama):
     assert all(p.grad is None for p in llama.parameters())
 
 
-def test_layer_stats_equal_the_tensor_function_on_the_captured_input(llama):
-    name = "model.layers.1.mlp.down_proj"
-    module = llama.get_submodule(name)
-    captured = []
-    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().clone()))
+def test_layer_stats_equal_the_tensor_function_on_captured_tensors(llama):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    mods = [llama.get_submodule(n) for n in names]
+    inputs, grads = {}, {}
+
+    def keep(store: dict, name: str, t: torch.Tensor) -> None:
+        store.setdefault(name, t.detach().clone())
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(inputs, n, args[0]))
+               for n, m in zip(names, mods)]
+    handles += [m.register_full_backward_hook(lambda mod, gi, go, n=n: keep(grads, n, go[0]))
+                for n, m in zip(names, mods)]
     try:
         llama.eval()
-        with torch.no_grad():
-            llama(**_batch(2))
-        res = mean_bias(llama, _batch(2), modules=[name], format="mxfp4", keep_projections=True)
+        llama(**_batch(2)).loss.backward()
+        llama.zero_grad(set_to_none=True)
     finally:
-        handle.remove()
-    proj = res[name].pop("projections")
-    assert _same(res[name], tensor_mean_bias_stats(captured[0], format="mxfp4", weight=module.weight))
-    assert len(proj) == 32 and proj == sorted(proj)
+        for h in handles:
+            h.remove()
+    llama.train()
+    res = mean_bias(llama, _batch(2), gradients=True, modules=names, format="mxfp4", keep_projections=True)
+    for n, m in zip(names, mods):  # k_proj reuses q_proj's input analysis: only its GEMM errors are recomputed
+        proj = res[n].pop("projections")
+        assert len(proj) == 32 and proj == sorted(proj)
+        assert _same(res[n], tensor_mean_bias_stats(inputs[n], format="mxfp4", weight=m.weight)), n
+        res[n + GRAD_SUFFIX].pop("projections")
+        expected = tensor_mean_bias_stats(grads[n], format="mxfp4", weight=m.weight.t())
+        assert res[n + GRAD_SUFFIX] == pytest.approx(expected, rel=1e-9, abs=1e-12), n
     with pytest.raises(KeyError, match="not found"):
         mean_bias(llama, _batch(), modules=["model.layers.9.mlp.down_proj"])
 

@@ -1,0 +1,44 @@
+"""The `hf-lowbit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, block=args.block,
+             lr=args.lr, overwrite=args.overwrite, fmt=args.format)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-lowbit", description="Mean-centred FP4 training and inference "
+                                     "for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a tiny model in high precision and in FP4 on embedded text, "
+                                       "then finalize, save, reload and generate")
+    demo.add_argument("--output-dir", default="hf_lowbit_demo", help="where checkpoints go (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=200, help="training steps per run (default: %(default)s)")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--block", type=int, default=128, help="tokens per training sequence")
+    demo.add_argument("--lr", type=float, default=2e-3)
+    demo.add_argument("--format", default="nvfp4", help="nvfp4 or mxfp4")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, PermissionError) as err:
+        print(f"hf-lowbit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Triton device helpers shared by the FP4 kernels: E4M3 / E8M0 scale rounding, E2M1 rounding and decoding.
+
+Every helper reproduces `hf_lowbit.numerics` bit for bit, with integer/bit arithmetic only where the reference
+relies on IEEE rounding (so the CPU interpreter and the GPU agree without depending on hardware cast modes).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e4m3_rne(s):
+    """Round a non-negative FP32 value (already clamped to <= 448, or NaN) to E4M3, ties to even.
+
+    Returns (value as FP32, E4M3 bit pattern as int32). NaN gives (NaN, 0x7F) like torch's cast.
+    """
+    isnan = s != s
+    s0 = tl.where(isnan, 0.0, s)
+    bits = s0.to(tl.int32, bitcast=True)
+    # normal range: keep 3 mantissa bits, round to nearest even on the dropped 20 bits
+    rn = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    vn = rn.to(tl.float32, bitcast=True)
+    # subnormal range (< 2^-6): multiples of 2^-9, ties to even
+    t = s0 * 512.0
+    n = t.to(tl.int32)
+    fr = t - n.to(tl.float32)
+    up = (fr > 0.5) | ((fr == 0.5) & ((n & 1) == 1))
+    n = n + up.to(tl.int32)
+    vs = n.to(tl.float32) * 0.001953125
+    sub = s0 < 0.015625
+    v = tl.where(sub, vs, vn)
+    vb = v.to(tl.int32, bitcast=True)
+    byte_n = (((vb >> 23) - 120) << 3) | ((vb >> 20) & 7)
+    byte = tl.where(sub, n, byte_n)
+    v = tl.where(isnan, s, v)
+    byte = tl.where(isnan, 0x7F, byte)
+    return v, byte
+
+
+@triton.jit
+def e4m3_decode(byte):
+    """E4M3 bit pattern (int32 0..255) → FP32 value."""
+    sign = (byte >> 7) & 1
+    e = (byte >> 3) & 15
+    m = byte & 7
+    normal = ((e + 120) << 23) | (m << 20)
+    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+    v = tl.where((byte & 0x7F) == 0x7F, float("nan"), v)
+    return tl.where(sign == 1, -v, v)
+
+
+@triton.jit
+def e8m0_from_amax(amax, MX_CEIL: tl.constexpr):
+    """Biased E8M0 exponent (int32) of a block maximum (>= 0, or +inf / NaN for non-finite blocks).
+
+    Same rule as `numerics._mxfp4_block_exponents`: floor(log2(amax)) - 2 (+1 for "ceil" when amax > 6 * 2^e),
+    clamped to [-127, 127]; zero → 0; non-finite → 255.
+    """
+    bits = amax.to(tl.int32, bitcast=True)
+    ex = (bits >> 23) & 0xFF
+    b = ex - 2
+    if MX_CEIL:
+        b = b + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+    b = tl.minimum(tl.maximum(b, 0), 254)
+    b = tl.where((ex == 255) | (amax != amax), 255, b)
+    return b
+
+
+@triton.jit
+def e8m0_scale(b):
+    """2^(b-127) as FP32 (b = 0 → 2^-127; b = 255 → NaN)."""
+    v = tl.where(b == 0, 0x00400000, b << 23).to(tl.float32, bitcast=True)
+    return tl.where(b == 255, float("nan"), v)
+
+
+@triton.jit
+def e8m0_inv_scale(b):
+    """The exact reciprocal 2^(127-b) as FP32 (1.0 for the NaN scale 255, as the reference divides by 1)."""
+    v = tl.where(b == 254, 0x00400000, (254 - b) << 23).to(tl.float32, bitcast=True)
+    return tl.where(b == 255, 1.0, v)
+
+
+@triton.jit
+def round_e2m1(a, SR: tl.constexpr, rnd):
+    """Scaled FP32 → 4-bit E2M1 code (int32 0..15): RTN ties-to-even-code, or SR with uniform noise `rnd`."""
+    mag = tl.abs(a)
+    if SR:
+        c = tl.where(mag > 6.0, 6.0, mag)
+        c = tl.where(mag != mag, 0.0, c)
+        lo = ((c >= 0.5).to(tl.int32) + (c >= 1.0).to(tl.int32) + (c >= 1.5).to(tl.int32)
+              + (c >= 2.0).to(tl.int32) + (c >= 3.0).to(tl.int32) + (c >= 4.0).to(tl.int32))
+        lof = lo.to(tl.float32)
+        lo_val = tl.where(lo < 4, lof * 0.5, tl.where(lo < 6, lof - 2.0, 4.0))
+        inv_step = tl.where(lo < 4, 2.0, tl.where(lo < 6, 1.0, 0.5))
+        p_up = (c - lo_val) * inv_step
+        idx = lo + (rnd < p_up).to(tl.int32)
+    else:
+        idx = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
+               + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
+               + (mag > 5.0).to(tl.int32))
+    return idx | ((a < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def e2m1_value(code):
+    """4-bit E2M1 code (int32) → FP32 value."""
+    i = code & 7
+    e = i >> 1
+    big = (((e + 126) << 23) | ((i & 1) << 22)).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, (i & 1).to(tl.float32) * 0.5, big)
+    return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def bf16_rne(v):
+    """FP32 → the nearest BF16 value (ties to even), still as FP32 (so any later cast to BF16 is exact).
+
+    The CPU interpreter's FP32→BF16 cast truncates; this keeps both paths identical to torch's `.to(bfloat16)`.
+    """
+    b = v.to(tl.int32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, r)

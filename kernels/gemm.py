@@ -1,0 +1,211 @@
+"""BF16 tensor-core GEMM with the FP4 epilogue fused: per-tensor scales from device memory, a row vector
+(bias + rank-1 mean term of fprop/dgrad) and up to two rank-1 outer products (the Averis wgrad terms).
+
+    C[m, n] = (sa · sb) · Σ_k A[m, k] B[n, k] + vrow[n] + u1[m] v1[n] + u2[m] v2[n]     (FP32, then cast)
+
+A and B are the exactly-dequantized FP4 operands ``code × block scale`` in BF16 (E2M1 × E4M3 and E2M1 × 2^e are
+exact in BF16), so the product is the FP4 GEMM up to FP32 summation order; the tensor scales never leave the
+device (no host sync). Any strides: transposed operands cost nothing. `matvec` does the rank-1 mean GEMVs.
+
+Also here: ``cublas_epilogue`` (cuBLAS BF16 GEMM with BF16 output, then the same epilogue as one extra pass), the
+alternative that the benchmark measures against the fused Triton GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_lowbit.kernels._common import bf16_rne
+
+__all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+              HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr):
+    mm = offs_m < M
+    nm = offs_n < N
+    if HAS_SCALE:
+        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+    if HAS_VROW:
+        acc += tl.load(vrow_ptr + offs_n, mask=nm, other=0.0)[None, :]
+    if HAS_R1:
+        acc += tl.load(u1_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v1_ptr + offs_n, mask=nm,
+                                                                                other=0.0)[None, :]
+    if HAS_R2:
+        acc += tl.load(u2_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v2_ptr + offs_n, mask=nm,
+                                                                                other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
+                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                 NUM_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
+                 HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    am = offs_m % M
+    bn = offs_n % N
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + am[:, None].to(tl.int64) * sam + offs_k[None, :].to(tl.int64) * sak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * sbk + bn[None, :].to(tl.int64) * sbn
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kt in range(NUM_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = offs_k < K - kt * BK
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BK * sak
+        b_ptrs += BK * sbk
+    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2)
+    if ROUND_BF16:
+        acc = bf16_rne(acc)
+    cmask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
+             mask=cmask)
+
+
+_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+]
+
+_tuned = None
+
+
+def _tuned_kernel():
+    global _tuned
+    if _tuned is None:
+        _tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "sam", "sak", "sbn", "sbk"])(_gemm_kernel)
+    return _tuned
+
+
+def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: torch.Tensor | None = None,
+                sb: torch.Tensor | None = None, vrow: torch.Tensor | None = None,
+                r1: tuple[torch.Tensor, torch.Tensor] | None = None,
+                r2: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """C = sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2 with a [M, K], b [N, K] (any strides), FP32 epilogue."""
+    M, K = a.shape
+    N, K2 = b.shape
+    assert K == K2, (a.shape, b.shape)
+    dev = a.device
+    c = torch.empty((M, N), device=dev, dtype=out_dtype)
+    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    u1, v1 = r1 if r1 is not None else (dummy, dummy)
+    u2, v2 = r2 if r2 is not None else (dummy, dummy)
+    common = dict(HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
+                  HAS_R2=r2 is not None, ROUND_BF16=out_dtype == torch.bfloat16)
+    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            sa if sa is not None else dummy, sb if sb is not None else dummy,
+            vrow if vrow is not None else dummy, u1, v1, u2, v2)
+    if _interp() or a.dtype == torch.float32:
+        BM, BN, BK = 32, 32, 32
+        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+            *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
+            **common)
+        return c
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _tuned_kernel()[grid](*args, NUM_K=triton.cdiv(K, 64), EVEN_K=K % 64 == 0, DOT_F32=False, **common)
+    return c
+
+
+@triton.jit
+def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                     HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
+                     ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptr = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.load(c_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2)
+    if ROUND_BF16:
+        acc = bf16_rne(acc)
+    tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
+                    r2=None) -> torch.Tensor:
+    """Same contract as `scaled_gemm`, via cuBLAS (BF16 output, rounded once before the epilogue) + one pass."""
+    c = torch.mm(a, b.t())
+    M, N = c.shape
+    dev = a.device
+    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    u1, v1 = r1 if r1 is not None else (dummy, dummy)
+    u2, v2 = r2 if r2 is not None else (dummy, dummy)
+    out = c if out_dtype == c.dtype else torch.empty((M, N), device=dev, dtype=out_dtype)
+    BM, BN = 32, 128
+    _epilogue_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        c, out, M, N, sa if sa is not None else dummy, sb if sb is not None else dummy,
+        vrow if vrow is not None else dummy, u1, v1, u2, v2, HAS_SCALE=sa is not None, HAS_VROW=vrow is not None,
+        HAS_R1=r1 is not None, HAS_R2=r2 is not None, ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
+    return out
+
+
+@triton.jit
+def _matvec_kernel(a_ptr, sj, si, v_ptr, o_ptr, scale_ptr, J, I, NUM_I: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   BJ: tl.constexpr, BI: tl.constexpr):
+    offs_j = tl.program_id(0) * BJ + tl.arange(0, BJ)
+    jm = offs_j < J
+    acc = tl.zeros([BJ, BI], dtype=tl.float32)
+    for it in range(NUM_I):
+        offs_i = it * BI + tl.arange(0, BI)
+        im = offs_i < I
+        a = tl.load(a_ptr + offs_j[:, None].to(tl.int64) * sj + offs_i[None, :].to(tl.int64) * si,
+                    mask=jm[:, None] & im[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs_i, mask=im, other=0.0)
+        acc += a * v[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        out = out * tl.load(scale_ptr)
+    tl.store(o_ptr + offs_j, out, mask=jm)
+
+
+def matvec(a: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None = None, transpose: bool = False
+           ) -> torch.Tensor:
+    """FP32 (scale ·) a @ v (a [J, I]) or (scale ·) aᵀ @ v with `transpose`; a in any float dtype, FP32 accumulate."""
+    if transpose:
+        J, I = a.shape[1], a.shape[0]
+        sj, si = a.stride(1), a.stride(0)
+        BJ, BI = (32, 32) if _interp() else (128, 32)
+    else:
+        J, I = a.shape
+        sj, si = a.stride(0), a.stride(1)
+        BJ, BI = (32, 32) if _interp() else (16, 256)
+    out = torch.empty(J, device=a.device, dtype=torch.float32)
+    _matvec_kernel[(triton.cdiv(J, BJ),)](a, sj, si, v.float().contiguous(), out,
+                                          scale if scale is not None else out, J, I,
+                                          NUM_I=triton.cdiv(I, BI), HAS_SCALE=scale is not None, BJ=BJ, BI=BI,
+                                          num_warps=4)
+    return out

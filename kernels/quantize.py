@@ -1,0 +1,395 @@
+"""Fused Averis quantizer: per-channel mean over tokens, centring, NVFP4/MXFP4 (RTN or Philox SR), packing.
+
+Three launches for a 2-D tensor X [M, K] (plus one tiny one for the mean vector):
+
+1. ``_col_stats_kernel``: one read of X; per (row-chunk, column) partial sum, max, min.
+2. ``_finalize_kernel``: μ = Σ/M, the centred column amax ``max(colmax − μ, μ − colmin)`` (exact: FP32 subtraction
+   is monotone, so ``max_i fl(x_i − μ) = fl(max_i x_i − μ)``), the global amax of R and of μ (atomic max on the bit
+   pattern of non-negative floats: deterministic). NaN/Inf anywhere maps to +inf → tensor scale NaN, as the
+   reference does.
+3. ``_quant_kernel``: second read of X; centres a [BM, BK] tile in registers (no centred copy in memory) and
+   quantizes it with blocks along K (row axis, the fprop/dgrad operand) and/or along M (column axis, the wgrad
+   operand), writing packed codes + block scales and/or the exactly-dequantized BF16 values ``q·s_b`` (no tensor
+   scale) that the BF16 GEMM path reads, and per-column sums of the column-axis values (wgrad rank-1 terms).
+4. ``_mean_quant_kernel``: Q(μ) with its own tensor/block scales.
+
+Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean; divisions use ``div_rn`` (IEEE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_lowbit.kernels._common import (e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
+                                       round_e2m1)
+from hf_lowbit.numerics import PackedTensor, get_format
+
+__all__ = ["AverisQuant", "averis_quantize", "quantize_2d", "seed31"]
+
+_INTERPRET = False
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def seed31(*parts: int) -> int:
+    """A 31-bit Philox seed derived from integers (SplitMix-style mixing)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return int(h & 0x7FFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, ROWS_PER: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    pk = tl.program_id(0)
+    ps = tl.program_id(1)
+    cols = pk * BK + tl.arange(0, BK)
+    cmask = cols < K
+    acc_s = tl.zeros([BM, BK], dtype=tl.float32)
+    acc_max = tl.full([BM, BK], float("-inf"), tl.float32)
+    acc_min = tl.full([BM, BK], float("inf"), tl.float32)
+    r0 = ps * ROWS_PER
+    for i in range(0, ROWS_PER, BM):
+        rows = r0 + i + tl.arange(0, BM)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask,
+                    other=0.0).to(tl.float32)
+        acc_s += x
+        acc_max = tl.maximum(acc_max, tl.where(mask, tl.where(x != x, float("inf"), x), float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+    tl.store(psum_ptr + ps * K + cols, tl.sum(acc_s, axis=0), mask=cmask)
+    tl.store(pmax_ptr + ps * K + cols, tl.max(acc_max, axis=0), mask=cmask)
+    tl.store(pmin_ptr + ps * K + cols, tl.min(acc_min, axis=0), mask=cmask)
+
+
+@triton.jit
+def _finalize_kernel(psum_ptr, pmax_ptr, pmin_ptr, SPLIT, Mf, K, mean_ptr, camax_ptr, amax_ptr,
+                     CENTER: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+    pk = tl.program_id(0)
+    cols = pk * BK + tl.arange(0, BK)
+    cmask = cols < K
+    s = tl.arange(0, BS)
+    m2 = (s < SPLIT)[:, None] & cmask[None, :]
+    off = s[:, None] * K + cols[None, :]
+    tot = tl.sum(tl.load(psum_ptr + off, mask=m2, other=0.0), axis=0)
+    mx = tl.max(tl.load(pmax_ptr + off, mask=m2, other=float("-inf")), axis=0)
+    mn = tl.min(tl.load(pmin_ptr + off, mask=m2, other=float("inf")), axis=0)
+    if CENTER:
+        mu = tl.math.div_rn(tot, tl.zeros_like(tot) + Mf)
+        ca = tl.maximum(mx - mu, mu - mn)
+        ok = (tot == tot) & (tl.abs(tot) < float("inf"))
+        ca = tl.where(ok, ca, float("inf"))
+        tl.store(mean_ptr + cols, mu, mask=cmask)
+        amu = tl.where(mu != mu, float("inf"), tl.abs(mu))
+        amu = tl.where(cmask, amu, 0.0)
+        tl.atomic_max(amax_ptr + 1, tl.max(amu, axis=0).to(tl.int32, bitcast=True))
+    else:
+        ca = tl.maximum(mx, -mn)
+    ca = tl.where(cmask, ca, 0.0)
+    tl.store(camax_ptr + cols, ca, mask=cmask)
+    tl.atomic_max(amax_ptr, tl.max(ca, axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _nv_tensor_scale(amax_ptr):
+    gam = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    g = tl.zeros([1], dtype=tl.float32) + gam
+    ts = tl.where(g < float("inf"), tl.math.div_rn(g, tl.zeros_like(g) + 2688.0), float("nan"))
+    return tl.sum(ts, axis=0)  # back to a scalar
+
+
+@triton.jit
+def _nv_block_scale(amax_b, ts):
+    """E4M3 block scale for block maxima `amax_b` under tensor scale `ts` → (decoded FP32, byte int32)."""
+    safe_ts = tl.where(ts == 0, 1.0, ts)
+    s = tl.math.div_rn(tl.math.div_rn(amax_b, tl.zeros_like(amax_b) + 6.0), tl.zeros_like(amax_b) + safe_ts)
+    s = tl.where(ts == 0, 0.0, s)
+    s = tl.where(s > 448.0, 448.0, s)
+    sbf, sbyte = e4m3_rne(s)
+    return sbf, sbyte
+
+
+@triton.jit
+def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
+                  rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
+                  seed_row, seed_col,
+                  BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
+                  CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr,
+                  ROW: tl.constexpr, ROW_PACK: tl.constexpr, ROW_DQ: tl.constexpr,
+                  COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr):
+    pm = tl.program_id(0)
+    pk = tl.program_id(1)
+    rows = pm * BM + tl.arange(0, BM)
+    cols = pk * BK + tl.arange(0, BK)
+    rmask = rows < M
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask,
+                other=0.0).to(tl.float32)
+    if CENTER:
+        mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+        r = tl.where(mask, x - mu[None, :], 0.0)
+    else:
+        r = x
+    if IS_NV:
+        ts = _nv_tensor_scale(amax_ptr)
+    if SR:
+        offs = rows[:, None] * K + cols[None, :]
+    NBK: tl.constexpr = BK // B
+    NBM: tl.constexpr = BM // B
+
+    if ROW:
+        r3 = tl.reshape(r, [BM, NBK, B])
+        amax_b = tl.max(tl.where(r3 != r3, float("inf"), tl.abs(r3)), axis=2)
+        if IS_NV:
+            sbf, sbyte = _nv_block_scale(amax_b, ts)
+            sbf = tl.where(ts != ts, float("nan"), sbf)
+            den = (sbf * ts)[:, :, None]
+            scaled = tl.where(den == 0, 0.0, tl.math.div_rn(r3, tl.where(den == 0, 1.0, den)))
+        else:
+            sbyte = e8m0_from_amax(amax_b, MX_CEIL)
+            sbf = e8m0_scale(sbyte)
+            scaled = r3 * e8m0_inv_scale(sbyte)[:, :, None]
+        if SR:
+            rnd = tl.reshape(tl.rand(seed_row, offs), [BM, NBK, B])
+        else:
+            rnd = 0.0
+        codes = round_e2m1(scaled, SR, rnd)
+        if ROW_PACK:
+            c2 = tl.reshape(codes, [BM, BK // 2, 2])
+            lo, hi = tl.split(c2)
+            byte = (lo | (hi << 4)).to(tl.uint8)
+            kk = pk * (BK // 2) + tl.arange(0, BK // 2)
+            tl.store(rc_ptr + rows[:, None].to(tl.int64) * (KP // 2) + kk[None, :], byte,
+                     mask=rmask[:, None] & (kk < KP // 2)[None, :])
+            kb = pk * NBK + tl.arange(0, NBK)
+            tl.store(rs_ptr + rows[:, None].to(tl.int64) * (KP // B) + kb[None, :], sbyte.to(tl.uint8),
+                     mask=rmask[:, None] & (kb < KP // B)[None, :])
+        if ROW_DQ:
+            v = tl.reshape(e2m1_value(codes) * sbf[:, :, None], [BM, BK])
+            tl.store(rdq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16), mask=mask)
+
+    if COL:
+        c3 = tl.reshape(r, [NBM, B, BK])
+        amax_c = tl.max(tl.where(c3 != c3, float("inf"), tl.abs(c3)), axis=1)
+        if IS_NV:
+            sbf_c, sbyte_c = _nv_block_scale(amax_c, ts)
+            sbf_c = tl.where(ts != ts, float("nan"), sbf_c)
+            den_c = (sbf_c * ts)[:, None, :]
+            scaled_c = tl.where(den_c == 0, 0.0, tl.math.div_rn(c3, tl.where(den_c == 0, 1.0, den_c)))
+        else:
+            sbyte_c = e8m0_from_amax(amax_c, MX_CEIL)
+            sbf_c = e8m0_scale(sbyte_c)
+            scaled_c = c3 * e8m0_inv_scale(sbyte_c)[:, None, :]
+        if SR:
+            rnd_c = tl.reshape(tl.rand(seed_col, offs), [NBM, B, BK])
+        else:
+            rnd_c = 0.0
+        codes_c = round_e2m1(scaled_c, SR, rnd_c)
+        if COL_PACK:
+            t = tl.trans(tl.reshape(codes_c, [BM, BK]))
+            t2 = tl.reshape(t, [BK, BM // 2, 2])
+            lo_c, hi_c = tl.split(t2)
+            byte_c = (lo_c | (hi_c << 4)).to(tl.uint8)
+            mm = pm * (BM // 2) + tl.arange(0, BM // 2)
+            tl.store(cc_ptr + cols[:, None].to(tl.int64) * (MP // 2) + mm[None, :], byte_c,
+                     mask=cmask[:, None] & (mm < MP // 2)[None, :])
+            mb = pm * NBM + tl.arange(0, NBM)
+            tl.store(cs_ptr + cols[:, None].to(tl.int64) * (MP // B) + mb[None, :],
+                     tl.trans(sbyte_c).to(tl.uint8), mask=cmask[:, None] & (mb < MP // B)[None, :])
+        if COL_DQ or COL_SUM:
+            vc = tl.reshape(e2m1_value(codes_c) * sbf_c[:, None, :], [BM, BK])
+            if COL_DQ:
+                tl.store(cdq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], vc.to(tl.bfloat16), mask=mask)
+            if COL_SUM:
+                tl.store(csum_ptr + pm * K + cols, tl.sum(tl.where(mask, vc, 0.0), axis=0), mask=cmask)
+
+
+@triton.jit
+def _mean_quant_kernel(mu_ptr, K, amax_ptr, out_ptr, outu_ptr, seed,
+                       BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr, SR: tl.constexpr,
+                       MX_CEIL: tl.constexpr):
+    pk = tl.program_id(0)
+    cols = pk * BK + tl.arange(0, BK)
+    cmask = cols < K
+    mu = tl.load(mu_ptr + cols, mask=cmask, other=0.0)
+    NB: tl.constexpr = BK // B
+    m2 = tl.reshape(mu, [NB, B])
+    amax_b = tl.max(tl.where(m2 != m2, float("inf"), tl.abs(m2)), axis=1)
+    if IS_NV:
+        ts = _nv_tensor_scale(amax_ptr + 1)
+        sbf, sbyte = _nv_block_scale(amax_b, ts)
+        sbf = tl.where(ts != ts, float("nan"), sbf)
+        den = (sbf * ts)[:, None]
+        scaled = tl.where(den == 0, 0.0, tl.math.div_rn(m2, tl.where(den == 0, 1.0, den)))
+    else:
+        b = e8m0_from_amax(amax_b, MX_CEIL)
+        sbf = e8m0_scale(b)
+        scaled = m2 * e8m0_inv_scale(b)[:, None]
+    if SR:
+        rnd = tl.reshape(tl.rand(seed, cols), [NB, B])
+    else:
+        rnd = 0.0
+    codes = round_e2m1(scaled, SR, rnd)
+    vu = e2m1_value(codes) * sbf[:, None]
+    if IS_NV:
+        v = vu * ts
+    else:
+        v = vu
+    tl.store(out_ptr + cols, tl.reshape(v, [BK]), mask=cmask)
+    tl.store(outu_ptr + cols, tl.reshape(vu, [BK]), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class AverisQuant:
+    """Everything the fused quantizer produced for one 2-D tensor Z [M, K] (R = Z − 1·μ, or Z if not centred)."""
+
+    mean: torch.Tensor | None            # μ, FP32 [K]
+    mean_q: torch.Tensor | None          # Q(μ) dequantized, FP32 [K] (== reference quantize_mean)
+    mean_q_unscaled: torch.Tensor | None  # Q(μ) codes × block scales (no tensor scale), FP32 [K]
+    mean_tensor_scale: torch.Tensor | None
+    tensor_scale: torch.Tensor | None    # NVFP4 FP32 tensor scale of R (0-d), None for MXFP4
+    row: PackedTensor | None             # blocks along K: codes [M, KP/2], scales [M, KP/B]
+    col: PackedTensor | None             # blocks along M: codes [K, MP/2], scales [K, MP/B]
+    row_dq: torch.Tensor | None          # BF16 [M, K] = code × block scale (row blocks), exact
+    col_dq: torch.Tensor | None          # BF16 [M, K] = code × block scale (column blocks), exact
+    col_sum: torch.Tensor | None         # FP32 [K]: Σ_m of the column-axis values (no tensor scale)
+    camax: torch.Tensor | None           # FP32 [K]: max_m |R| per column (non-finite → inf)
+
+
+def _cfg(M: int, K: int, B: int) -> tuple[int, int, int]:
+    if _interpreting():
+        return max(B, 32), max(B, 32), 4
+    return 64, 64, 4
+
+
+def _stats(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    dev = x.device
+    if _interpreting():
+        BMS, BKS, split = 16, 32, 2
+    else:
+        BMS, BKS = 32, 64
+        n_kb = triton.cdiv(K, BKS)
+        split = max(1, min(triton.cdiv(M, BMS), (4 * 132) // max(1, n_kb) + 1))
+    rows_per = triton.cdiv(triton.cdiv(M, split), BMS) * BMS
+    split = triton.cdiv(M, rows_per)
+    psum = torch.empty((split, K), device=dev, dtype=torch.float32)
+    pmax = torch.empty_like(psum)
+    pmin = torch.empty_like(psum)
+    _col_stats_kernel[(triton.cdiv(K, BKS), split)](x, x.stride(0), x.stride(1), M, K, psum, pmax, pmin, rows_per,
+                                                     BM=BMS, BK=BKS, num_warps=4)
+    mean = torch.empty(K, device=dev, dtype=torch.float32)
+    camax = torch.empty(K, device=dev, dtype=torch.float32)
+    amax = torch.zeros(2, device=dev, dtype=torch.int32)
+    BKF = 32 if _interpreting() else 128
+    _finalize_kernel[(triton.cdiv(K, BKF),)](psum, pmax, pmin, split, float(M), K, mean, camax, amax, CENTER=center,
+                                              BK=BKF, BS=triton.next_power_of_2(split), num_warps=4)
+    return mean, camax, amax
+
+
+def _ts_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The NVFP4 tensor scale from the stored amax bits, computed the reference's way (0-d FP32)."""
+    amax = bits.view(torch.float32).reshape(())
+    return torch.where(torch.isfinite(amax), amax / 2688.0, torch.full_like(amax, float("nan")))
+
+
+def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True, rounding: str = "rtn",
+                    seed: int = 0, row: bool = True, col: bool = False, row_packed: bool = True,
+                    row_dq: bool = False, col_packed: bool = True, col_dq: bool = False, col_sum: bool = False,
+                    mx_scale: str = "floor") -> AverisQuant:
+    """Fused mean / centre / quantize of a 2-D tensor `x` [M, K] (any strides, BF16/FP16/FP32).
+
+    `rounding` applies to the residual and the mean; SR streams are Philox(seed, element index), one stream per
+    axis and one for the mean. Returns an :class:`AverisQuant`.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"averis_quantize needs a 2-D tensor, got shape {tuple(x.shape)}")
+    if rounding not in ("rtn", "sr"):
+        raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
+    if mx_scale not in ("floor", "ceil"):
+        raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
+    fmt = get_format(format)
+    B = fmt.block_size
+    is_nv = fmt.scale_kind == "e4m3"
+    M, K = x.shape
+    if M == 0 or K == 0:
+        raise ValueError("averis_quantize needs a non-empty tensor")
+    dev = x.device
+    MP = triton.cdiv(M, B) * B
+    KP = triton.cdiv(K, B) * B
+    sr = rounding == "sr"
+    need_stats = center or is_nv
+    if need_stats:
+        mean, camax, amax = _stats(x, center)
+    else:
+        mean = camax = None
+        amax = torch.zeros(2, device=dev, dtype=torch.int32)
+    BM, BK, nw = _cfg(M, K, B)
+    dummy_u8 = torch.empty(1, device=dev, dtype=torch.uint8)
+    dummy_bf = torch.empty(1, device=dev, dtype=torch.bfloat16)
+    dummy_f = torch.empty(1, device=dev, dtype=torch.float32)
+    rc = rs = cc = cs = rdq = cdq = csum = None
+    if row and row_packed:
+        rc = torch.empty((M, KP // 2), device=dev, dtype=torch.uint8)
+        rs = torch.empty((M, KP // B), device=dev, dtype=torch.uint8)
+    if row and row_dq:
+        rdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16)
+    if col and col_packed:
+        cc = torch.empty((K, MP // 2), device=dev, dtype=torch.uint8)
+        cs = torch.empty((K, MP // B), device=dev, dtype=torch.uint8)
+    if col and col_dq:
+        cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16)
+    n_mt = triton.cdiv(MP, BM)
+    if col and col_sum:
+        csum = torch.empty((n_mt, K), device=dev, dtype=torch.float32)
+    grid = (n_mt, triton.cdiv(KP, BK))
+    _quant_kernel[grid](
+        x, x.stride(0), x.stride(1), M, K, MP, KP, mean if mean is not None else dummy_f, amax,
+        rc if rc is not None else dummy_u8, rs if rs is not None else dummy_u8,
+        rdq if rdq is not None else dummy_bf, cc if cc is not None else dummy_u8,
+        cs if cs is not None else dummy_u8, cdq if cdq is not None else dummy_bf,
+        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2),
+        BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil",
+        ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
+        COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum,
+        num_warps=nw)
+    ts = _ts_from_bits(amax[0:1]) if is_nv else None
+    mean_q = mean_qu = mts = None
+    if center:
+        mean_q = torch.empty(K, device=dev, dtype=torch.float32)
+        mean_qu = torch.empty(K, device=dev, dtype=torch.float32)
+        BKM = max(B, min(1024, triton.next_power_of_2(K)))
+        _mean_quant_kernel[(triton.cdiv(K, BKM),)](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), BK=BKM, B=B,
+                                                    IS_NV=is_nv, SR=sr, MX_CEIL=mx_scale == "ceil", num_warps=4)
+        mts = _ts_from_bits(amax[1:2]) if is_nv else None
+    rowp = PackedTensor(rc, rs, ts, (M, K), 1, fmt.name, False) if rc is not None else None
+    colp = PackedTensor(cc, cs, ts, (M, K), 0, fmt.name, False) if cc is not None else None
+    return AverisQuant(mean, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
+                       None if csum is None else csum.sum(0), camax)
+
+
+def quantize_2d(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: str = "rtn", seed: int = 0,
+                mx_scale: str = "floor") -> PackedTensor:
+    """Plain (uncentred) quantization of a 2-D tensor along axis 1 (-1) or 0, as `numerics.quantize`."""
+    ax = axis % 2
+    q = averis_quantize(x, format, center=False, rounding=rounding, seed=seed, row=ax == 1, col=ax == 0,
+                        mx_scale=mx_scale)
+    return q.row if ax == 1 else q.col
