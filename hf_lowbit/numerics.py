@@ -254,16 +254,17 @@ def _move_axis_last_padded(x: torch.Tensor, axis: int, block: int) -> torch.Tens
 
 
 def _tiles_2d(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(R, C) → zero-padded (R/B, C/B, B, B) tiles."""
-    r, c = x.shape
+    """(..., R, C) → zero-padded (..., R/B, C/B, B, B) tiles."""
+    r, c = x.shape[-2:]
     xp = torch.nn.functional.pad(x, (0, _ceil_to(c, block) - c, 0, _ceil_to(r, block) - r))
-    rb, cb = xp.shape[0] // block, xp.shape[1] // block
-    return xp.reshape(rb, block, cb, block).permute(0, 2, 1, 3)
+    rb, cb = xp.shape[-2] // block, xp.shape[-1] // block
+    t = xp.reshape(*xp.shape[:-2], rb, block, cb, block)
+    return t.transpose(-3, -2)
 
 
 def _untile_2d(t: torch.Tensor) -> torch.Tensor:
-    rb, cb, b, _ = t.shape
-    return t.permute(0, 2, 1, 3).reshape(rb * b, cb * b)
+    rb, cb, b, _ = t.shape[-4:]
+    return t.transpose(-3, -2).reshape(*t.shape[:-4], rb * b, cb * b)
 
 
 def _normalize_axis(axis: int, ndim: int) -> int:
@@ -284,19 +285,38 @@ class _Quantized:
     tensor_scale: torch.Tensor | None
 
 
+def _tensor_scale_for(source: torch.Tensor, tensor_scale: torch.Tensor | None, slices: bool,
+                      ndim: int) -> torch.Tensor:
+    """The NVFP4 tensor scale(s): one per tensor, or one per slice along dim 0, shaped to broadcast over blocks."""
+    if not slices:
+        return nvfp4_tensor_scale(source) if tensor_scale is None else tensor_scale.float().reshape(())
+    if tensor_scale is None:
+        amax = source.abs().float().amax(dim=tuple(range(1, source.dim()))) if source.numel() else \
+            torch.zeros(source.shape[0], device=source.device)
+        tensor_scale = torch.where(torch.isfinite(amax), amax / NVFP4_TENSOR_SCALE_DIVISOR,
+                                   torch.full_like(amax, float("nan")))
+    ts = tensor_scale.float().reshape(-1).expand(source.shape[0]) if tensor_scale.numel() == 1 else \
+        tensor_scale.float().reshape(-1)
+    if ts.numel() != source.shape[0]:
+        raise ValueError(f"tensor_scale has {ts.numel()} values; slices=True needs one per slice "
+                         f"({source.shape[0]})")
+    return ts.reshape(-1, *([1] * (ndim - 1)))
+
+
 def _quantize_blocked(blocks: torch.Tensor, fmt: FP4Format, reduce_dims: tuple[int, ...], rounding: Rounding,
                       generator: torch.Generator | None, mx_scale: str, tensor_scale: torch.Tensor | None,
-                      source: torch.Tensor) -> _Quantized:
+                      source: torch.Tensor, slices: bool = False) -> _Quantized:
     """Quantize a tensor already arranged in blocks; ``reduce_dims`` are the within-block dims."""
     blocks = blocks.float()
     amax = blocks.abs().amax(dim=reduce_dims, keepdim=True)
     if fmt.scale_kind == "e4m3":
-        ts = nvfp4_tensor_scale(source) if tensor_scale is None else tensor_scale.float().reshape(())
+        ts = _tensor_scale_for(source, tensor_scale, slices, blocks.dim())
         sb = _nvfp4_block_scales(amax, ts)
         sb_f = sb.float()
-        # A block whose scale is 0 (all zeros, or underflow of E4M3) quantizes to code 0: x/0 gives ±inf or NaN,
-        # which nan_to_num maps to 0 (finite quotients are never above ~6.4 here).
-        scaled = torch.nan_to_num(blocks / (sb_f * ts), nan=0.0, posinf=0.0, neginf=0.0)
+        # A block whose scale is 0 (all zeros, or E4M3 underflow) quantizes to code 0; a quotient that overflows FP32
+        # (only possible with a forced, too small tensor scale) is a magnitude above 6 and saturates in rounding.
+        denom = sb_f * ts
+        scaled = torch.where(denom == 0, 0.0, blocks / denom)
         stored = sb.view(torch.uint8)
         # NaN tensor scale: propagate NaN to every scale so every value decodes to NaN.
         sb_f = torch.where(torch.isnan(ts), torch.full_like(sb_f, float("nan")), sb_f)
@@ -321,85 +341,98 @@ def _check_inputs(x: torch.Tensor, rounding: str) -> None:
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 
+def _blocked(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: Rounding, generator: torch.Generator | None,
+             block_2d: bool, mx_scale: str, tensor_scale: torch.Tensor | None, slices: bool
+             ) -> tuple[_Quantized, int, tuple[int, ...]]:
+    """Arrange `x` in blocks and quantize; returns (result, normalized axis, shape of the blocked layout)."""
+    b = fmt.block_size
+    if slices and x.dim() < 2:
+        raise ValueError(f"slices=True needs a tensor with a slice dimension and data, got shape {tuple(x.shape)}")
+    if block_2d:
+        if x.dim() != (3 if slices else 2):
+            raise ValueError(f"block_2d=True needs a {'3-D (slices)' if slices else '2-D'} tensor, "
+                             f"got shape {tuple(x.shape)}")
+        tiles = _tiles_2d(x, b)
+        q = _quantize_blocked(tiles, fmt, (-2, -1), rounding, generator, mx_scale, tensor_scale, x, slices)
+        return q, x.dim() - 1, tuple(tiles.shape)
+    ax = _normalize_axis(axis, x.dim())
+    if slices and ax == 0:
+        raise ValueError("axis=0 is the slice dimension when slices=True; the block axis must be another one")
+    xm = _move_axis_last_padded(x, ax, b)
+    blocks = xm.reshape(*xm.shape[:-1], xm.shape[-1] // b, b)
+    q = _quantize_blocked(blocks, fmt, (-1,), rounding, generator, mx_scale, tensor_scale, x, slices)
+    return q, ax, tuple(xm.shape)
+
+
 def quantize(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: Rounding = "rtn",
              generator: torch.Generator | None = None, block_2d: bool = False, mx_scale: str = "floor",
-             tensor_scale: torch.Tensor | None = None) -> PackedTensor:
-    """Quantize ``x`` to packed FP4 with blocks along ``axis`` (or B×B tiles of a 2-D tensor if ``block_2d``).
+             tensor_scale: torch.Tensor | None = None, slices: bool = False) -> PackedTensor:
+    """Quantize ``x`` to packed FP4 with blocks along ``axis`` (or B×B tiles of the last two dims if ``block_2d``).
 
     ``tensor_scale`` forces the NVFP4 FP32 tensor scale (e.g. one shared scale for fused q/k/v); by default it is
-    ``amax(|x|) / 2688``. The block axis is zero-padded internally to a whole number of blocks.
+    ``amax(|x|) / 2688``. With ``slices=True`` dim 0 indexes independent tensors (e.g. the experts of a grouped
+    GEMM), each with its own tensor scale. The block axis is zero-padded internally to a whole number of blocks.
     """
     _check_inputs(x, rounding)
     fmt = get_format(format)
-    b = fmt.block_size
+    if x.dim() == 0:
+        x = x.reshape(1)
+        shape: tuple[int, ...] = ()
+    else:
+        shape = tuple(x.shape)
+    q, ax, layout = _blocked(x, fmt, axis, rounding, generator, block_2d, mx_scale, tensor_scale, slices)
+    ts = None if q.tensor_scale is None else (q.tensor_scale.reshape(-1) if slices else q.tensor_scale)
     if block_2d:
-        if x.dim() != 2:
-            raise ValueError(f"block_2d=True needs a 2-D tensor, got shape {tuple(x.shape)}")
-        q = _quantize_blocked(_tiles_2d(x, b), fmt, (-2, -1), rounding, generator, mx_scale, tensor_scale, x)
         codes = _untile_2d(q.codes)
-        scales = q.stored_scales.reshape(q.stored_scales.shape[:2])
-        return PackedTensor(pack_codes(codes), scales.contiguous(), q.tensor_scale, tuple(x.shape), 1, fmt.name,
-                            True)
-    ax = _normalize_axis(axis, x.dim()) if x.dim() else 0
-    xm = _move_axis_last_padded(x.reshape(1) if x.dim() == 0 else x, ax, b)
-    blocks = xm.reshape(*xm.shape[:-1], xm.shape[-1] // b, b)
-    q = _quantize_blocked(blocks, fmt, (-1,), rounding, generator, mx_scale, tensor_scale, x)
-    codes = q.codes.reshape(xm.shape)
-    return PackedTensor(pack_codes(codes), q.stored_scales.squeeze(-1).contiguous(), q.tensor_scale,
-                        tuple(x.shape), ax, fmt.name, False)
+        scales = q.stored_scales.reshape(q.stored_scales.shape[:-2])
+        return PackedTensor(pack_codes(codes), scales.contiguous(), ts, shape, ax, fmt.name, True)
+    codes = q.codes.reshape(layout)
+    return PackedTensor(pack_codes(codes), q.stored_scales.squeeze(-1).contiguous(), ts, shape, ax, fmt.name,
+                        False)
+
+
+def _apply_tensor_scale(out: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
+    if ts is None:
+        return out
+    ts = ts.float()
+    return out * (ts.reshape(-1, *([1] * (out.dim() - 1))) if ts.dim() else ts)
 
 
 def dequantize(p: PackedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode a :class:`PackedTensor` to a dense tensor of its original shape: ``(code * s_b) * s_t``."""
-    fmt = p.fmt
-    b = fmt.block_size
-    codes = unpack_codes(p.codes)
-    vals = e2m1_codes_to_values(codes)
+    b = p.fmt.block_size
+    vals = e2m1_codes_to_values(unpack_codes(p.codes))
     sb = decode_block_scales(p.scales, p.format)
     if p.block_2d:
-        vals = _tiles_2d(vals, b) * sb[:, :, None, None]
-        out = _untile_2d(vals)
-    else:
-        out = (vals.reshape(*vals.shape[:-1], -1, b) * sb[..., None]).reshape(vals.shape)
-    if p.tensor_scale is not None:
-        out = out * p.tensor_scale.float()
-    if p.block_2d:
-        out = out[: p.shape[0], : p.shape[1]]
-        return out.to(dtype)
+        out = _apply_tensor_scale(_untile_2d(_tiles_2d(vals, b) * sb[..., None, None]), p.tensor_scale)
+        r, c = p.shape[-2:]
+        return out[..., :r, :c].to(dtype)
+    out = (vals.reshape(*vals.shape[:-1], -1, b) * sb[..., None]).reshape(vals.shape)
+    out = _apply_tensor_scale(out, p.tensor_scale)
     if len(p.shape) == 0:
         return out[..., 0].reshape(()).to(dtype)
     n = p.shape[p.axis]
-    out = out[..., :n].movedim(-1, p.axis)
-    return out.reshape(p.shape).to(dtype)
+    return out[..., :n].movedim(-1, p.axis).reshape(p.shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: Rounding = "rtn",
                   generator: torch.Generator | None = None, block_2d: bool = False, mx_scale: str = "floor",
-                  tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  tensor_scale: torch.Tensor | None = None, slices: bool = False) -> torch.Tensor:
     """Quantize then dequantize ``x`` (same arguments as :func:`quantize`); returns a tensor of ``x``'s dtype.
 
     Equal, value for value, to ``dequantize(quantize(x, ...), x.dtype)`` but skips the packing.
     """
     _check_inputs(x, rounding)
     fmt = get_format(format)
-    b = fmt.block_size
-    if block_2d:
-        if x.dim() != 2:
-            raise ValueError(f"block_2d=True needs a 2-D tensor, got shape {tuple(x.shape)}")
-        q = _quantize_blocked(_tiles_2d(x, b), fmt, (-2, -1), rounding, generator, mx_scale, tensor_scale, x)
-        vals = e2m1_codes_to_values(q.codes) * q.block_scale
-        if q.tensor_scale is not None:
-            vals = vals * q.tensor_scale
-        return _untile_2d(vals)[: x.shape[0], : x.shape[1]].to(x.dtype)
     if x.dim() == 0:
         return fake_quantize(x.reshape(1), format, 0, rounding, generator, False, mx_scale, tensor_scale
                              ).reshape(())
-    ax = _normalize_axis(axis, x.dim())
-    xm = _move_axis_last_padded(x, ax, b)
-    blocks = xm.reshape(*xm.shape[:-1], xm.shape[-1] // b, b)
-    q = _quantize_blocked(blocks, fmt, (-1,), rounding, generator, mx_scale, tensor_scale, x)
+    q, ax, layout = _blocked(x, fmt, axis, rounding, generator, block_2d, mx_scale, tensor_scale, slices)
     vals = e2m1_codes_to_values(q.codes) * q.block_scale
     if q.tensor_scale is not None:
         vals = vals * q.tensor_scale
-    vals = vals.reshape(xm.shape)[..., : x.shape[ax]].movedim(-1, ax)
+    if block_2d:
+        r, c = x.shape[-2:]
+        return _untile_2d(vals)[..., :r, :c].to(x.dtype)
+    vals = vals.reshape(layout)[..., : x.shape[ax]].movedim(-1, ax)
     return vals.to(x.dtype)

@@ -382,7 +382,7 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         mts = _ts_from_bits(amax[1:2]) if is_nv else None
     rowp = PackedTensor(rc, rs, ts, (M, K), 1, fmt.name, False) if rc is not None else None
     colp = PackedTensor(cc, cs, ts, (M, K), 0, fmt.name, False) if cc is not None else None
-    return AverisQuant(mean, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
+    return AverisQuant(mean if center else None, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
                        None if csum is None else csum.sum(0), camax)
 
 

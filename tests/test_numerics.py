@@ -691,6 +691,22 @@ def test_nvfp4_tensor_scale_override():
     assert_bits_equal(dequantize(p2), fake_quantize(x, block_2d=True, tensor_scale=c))
 
 
+def test_nvfp4_forced_tensor_scale_saturates_even_when_the_quotient_overflows():
+    # With a forced (too small) tensor scale, x / (s_b * s_t) can exceed FP32 range: 1e12 / (448 * 1e-30) = 2.2e39.
+    # Mathematically that is a magnitude above 6, which saturates to +-6 (docstring of round_to_e2m1); it must not
+    # become 0 just because the FP32 quotient overflowed to inf.
+    ts = t32(1e-30)
+    x = torch.zeros(16)
+    x[:4] = t32([1e12, -1e12, 1.0, -3e38])
+    p = quantize(x, tensor_scale=ts)
+    assert p.scales.tolist() == [E4M3_448]
+    top = ((t32(6.0) * 448.0) * ts).item()
+    expect = [top, -top, top, -top]
+    assert unpack_codes(p.codes)[:4].tolist() == [7, 15, 7, 15]
+    assert dequantize(p)[:4].tolist() == expect
+    assert fake_quantize(x, tensor_scale=ts)[:4].tolist() == expect
+
+
 def test_nvfp4_shared_tensor_scale_equals_quantizing_the_concatenation():
     # fused q/k/v use: one shared s_t. Quantizing each part with the shared scale (blocks along the last axis)
     # equals quantizing the concatenation along a non-block axis.

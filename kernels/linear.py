@@ -1,0 +1,144 @@
+"""The Triton backend: Averis W4A4G4 linear (fused quantizers + BF16 tensor-core GEMMs) and the W4A16 decode path.
+
+`TritonAverisLinear` computes what `hf_lowbit.averis.AverisLinearFunction` computes for
+``block_axis="reduction"``, ``weight_blocks="1d"``, no Hadamard (NVFP4 and MXFP4, RTN or SR), with FP32 arithmetic
+outside the quantizers:
+
+    fprop  Y  = s_x s_w · R̂_X Ŵ_rᵀ + (Q(μ_X)·Q(W)ᵀ + bias)              R̂, Ŵ: code × block scale, BF16 (exact)
+    dgrad  dX = s_d s_w · R̂_D Ŵ_c  + Q(μ_D)·Q(W_c)
+    wgrad  dW = s_d s_x · R̂_Dᵀ R̂_X + a ⊗ Q(μ_X) + Q(μ_D) ⊗ (b + l·Q(μ_X))     a = Q(R_D)ᵀ1, b = 1ᵀQ(R_X)
+
+Every operand is quantized along the reduction axis of the GEMM it feeds; the per-tensor scales and all rank-1
+terms are applied in the GEMM epilogue on the device. Differences from the reference: FP32 summation order inside
+the GEMMs, and SR draws from Philox instead of torch's generator (same distribution, reproducible per seed).
+For backward it keeps the BF16 dequantized wgrad operand of X and the dgrad operand of W (same bytes as the X that
+nn.Linear keeps); the reference keeps packed codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hf_lowbit.backend import TorchBackend
+from hf_lowbit.config import Recipe
+from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
+from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
+from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
+from hf_lowbit.numerics import PackedTensor
+
+__all__ = ["TritonBackend", "TritonAverisLinear", "supports_recipe", "triton_linear_train"]
+
+
+def supports_recipe(recipe: Recipe) -> bool:
+    return (recipe.block_axis == "reduction" and not recipe.hadamard and recipe.weight_blocks == "1d"
+            and recipe.format in ("nvfp4", "mxfp4"))
+
+
+def _gemm_fn():
+    """GEMM implementation: fused Triton epilogue (default) or cuBLAS + one epilogue pass (HF_LOWBIT_GEMM=cublas)."""
+    return cublas_epilogue if os.environ.get("HF_LOWBIT_GEMM", "triton") == "cublas" else scaled_gemm
+
+
+def _scaled(v: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
+    return v if ts is None else v * ts
+
+
+class TritonAverisLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
+                seed: int) -> torch.Tensor:
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fmt = recipe.format
+        gemm = _gemm_fn()
+        qx = averis_quantize(x2d, fmt, center=recipe.center_activations,
+                             rounding="sr" if recipe.sr_activations else "rtn", seed=seed31(seed, 11), row=True,
+                             row_packed=False, row_dq=True, col=need_wgrad, col_packed=False, col_dq=True,
+                             col_sum=True, mx_scale=recipe.mx_scale)
+        qw = averis_quantize(weight, fmt, center=False, rounding="sr" if recipe.sr_weights else "rtn",
+                             seed=seed31(seed, 12), row=True, row_packed=False, row_dq=True, col=need_dgrad,
+                             col_packed=False, col_dq=True, mx_scale=recipe.mx_scale)
+        ts_x, ts_w = qx.tensor_scale, qw.tensor_scale
+        vrow = None
+        if qx.mean_q is not None:
+            vrow = matvec(qw.row_dq, qx.mean_q, scale=ts_w)
+        if bias is not None:
+            vrow = bias.float() if vrow is None else vrow + bias.float()
+        y = gemm(qx.row_dq, qw.row_dq, x2d.dtype, ts_x, ts_w, vrow)
+        ctx.recipe, ctx.seed, ctx.has_bias, ctx.n_tokens = recipe, seed, bias is not None, x2d.shape[0]
+        ctx.w_dtype = weight.dtype
+        saved = [qx.col_dq, qx.col_sum, qx.mean_q, ts_x, qw.col_dq, ts_w]
+        ctx.has = [t is not None for t in saved]
+        ctx.save_for_backward(*[t for t in saved if t is not None])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        it = iter(ctx.saved_tensors)
+        xc, xsum, mu_x_q, ts_x, wc, ts_w = [next(it) if h else None for h in ctx.has]
+        recipe = ctx.recipe
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gemm = _gemm_fn()
+        dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+        qd = averis_quantize(dy, recipe.format, center=recipe.center_gradients,
+                             rounding="sr" if recipe.sr_gradients else "rtn", seed=seed31(ctx.seed, 13),
+                             row=need_dgrad, row_packed=False, row_dq=True, col=need_wgrad, col_packed=False,
+                             col_dq=True, col_sum=True, mx_scale=recipe.mx_scale)
+        ts_d = qd.tensor_scale
+        mu_d_q = qd.mean_q
+        dx = dw = db = None
+        if need_dgrad:
+            vrow = matvec(wc, mu_d_q, scale=ts_w, transpose=True) if mu_d_q is not None else None
+            dx = gemm(qd.row_dq, wc.t(), dy.dtype, ts_d, ts_w, vrow)
+        if need_wgrad:
+            r1 = r2 = None
+            if mu_x_q is not None:
+                r1 = (_scaled(qd.col_sum, ts_d), mu_x_q)
+            if mu_d_q is not None:
+                b = _scaled(xsum, ts_x)
+                if mu_x_q is not None:
+                    b = b + float(ctx.n_tokens) * mu_x_q
+                r2 = (mu_d_q, b)
+            dw = gemm(qd.col_dq.t(), xc.t(), ctx.w_dtype, ts_d, ts_x, None, r1, r2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.float().sum(0).to(dy.dtype)
+        return dx, dw, db, None, None
+
+
+def triton_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
+                        seed: int = 0) -> torch.Tensor:
+    lead = x.shape[:-1]
+    y = TritonAverisLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, recipe, seed)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class TritonBackend(TorchBackend):
+    """Triton kernels for Hopper; recipes or shapes it does not cover fall back to the torch reference."""
+
+    name = "triton"
+
+    def linear_train(self, x, weight, bias, recipe, seed):
+        if not supports_recipe(recipe) or x.shape[-1] == 0 or x.numel() == 0:
+            return super().linear_train(x, weight, bias, recipe, seed)
+        if torch.is_autocast_enabled(x.device.type):  # the op's arithmetic is FP32/BF16 by itself (as reference)
+            with torch.autocast(x.device.type, enabled=False):
+                return triton_linear_train(x, weight, bias, recipe, seed)
+        return triton_linear_train(x, weight, bias, recipe, seed)
+
+    def linear_packed(self, x, packed_weight: PackedTensor, bias, recipe):
+        tokens = x.numel() // max(1, x.shape[-1])
+        if (recipe.activations == "none" and not packed_weight.block_2d and packed_weight.axis == 1
+                and 0 < tokens <= MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            b = None if bias is None else bias.to(x.dtype)
+            return w4a16_linear(x, packed_weight, b)
+        return super().linear_packed(x, packed_weight, bias, recipe)
+
+    def quantize(self, x, format, axis=-1, rounding="rtn", generator=None, block_2d=False, mx_scale="floor"):
+        if block_2d or x.dim() != 2 or axis not in (-1, 0, 1, -2) or x.numel() == 0:
+            return super().quantize(x, format, axis, rounding, generator, block_2d, mx_scale)
+        seed = 0
+        if rounding == "sr":
+            g = generator
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g, device=g.device if g else "cpu").item())
+        return quantize_2d(x, format, axis, rounding, seed, mx_scale)
