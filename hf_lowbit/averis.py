@@ -11,6 +11,11 @@ Every operand is quantized along the reduction axis of the GEMM it feeds (``bloc
 its last axis (``"last"``). The weight gradient flows to the master weight unchanged (straight-through). Arithmetic
 outside the quantizers runs in FP32. For backward the op keeps the packed FP4 wgrad operand of X (codes + scales),
 not a full-precision copy.
+
+The op is written for G independent groups at once (``x [G, L, K]``, ``weight [G, N, K]``): a dense layer is G = 1;
+the routed experts of an MoE layer are G = E with each expert's tokens in its own row block (``mask [G, L]`` marks
+real tokens; padding rows are zero and carry no mean). Every group is its own tensor: its own mean, its own NVFP4
+tensor scales, its own blocks.
 """
 
 from __future__ import annotations
@@ -43,28 +48,30 @@ def _rounding(stochastic: bool) -> str:
     return "sr" if stochastic else "rtn"
 
 
-def center(z: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Z − 1·μ, μ) in FP32 with μ the mean over rows, or (Z, None) when centring is off."""
+def _fq(z: torch.Tensor, recipe: Recipe, axis: int, stochastic: bool, generator: torch.Generator | None,
+        block_2d: bool = False) -> torch.Tensor:
+    """Fake-quantize a grouped operand (dim 0 = groups, each with its own tensor scale), FP32 values."""
+    return fake_quantize(z, recipe.format, axis, _rounding(stochastic), generator, block_2d=block_2d,
+                         mx_scale=recipe.mx_scale, slices=True)
+
+
+def _pack(z: torch.Tensor, recipe: Recipe, axis: int, stochastic: bool, generator: torch.Generator | None,
+          block_2d: bool = False) -> PackedTensor:
+    return quantize(z, recipe.format, axis, _rounding(stochastic), generator, block_2d=block_2d,
+                    mx_scale=recipe.mx_scale, slices=True)
+
+
+def center(z: torch.Tensor, enabled: bool, mask: torch.Tensor | None, counts: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Z − 1·μ, μ) per group in FP32, μ the mean over the group's real tokens; (Z, None) when centring is off."""
     zf = z.float()
     if not enabled:
         return zf, None
-    mu = zf.mean(dim=0)
-    return zf - mu, mu
-
-
-def quantize_mean(mu: torch.Tensor | None, recipe: Recipe, stochastic: bool,
-                  generator: torch.Generator | None) -> torch.Tensor | None:
-    """The mean vector quantized on its own (its own tensor and block scales), FP32 values."""
-    if mu is None:
-        return None
-    return fake_quantize(mu, recipe.format, -1, _rounding(stochastic), generator, mx_scale=recipe.mx_scale)
-
-
-def quantize_weight(weight: torch.Tensor, recipe: Recipe, axis: int, generator: torch.Generator | None
-                    ) -> PackedTensor:
-    """Q(W) with blocks along `axis` (1 = in-features, 0 = out-features) or in 2-D tiles."""
-    return quantize(weight.float(), recipe.format, axis, _rounding(recipe.sr_weights), generator,
-                    block_2d=recipe.weight_block_2d, mx_scale=recipe.mx_scale)
+    mu = zf.sum(dim=1) / counts.clamp(min=1)[:, None] if mask is not None else zf.mean(dim=1)
+    r = zf - mu[:, None, :]
+    if mask is not None:
+        r = r * mask[..., None]
+    return r, mu
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,185 +92,196 @@ def hadamard_signs(seed: int) -> torch.Tensor:
 
 
 def hadamard_tokens(z: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Apply (H16·diag(signs)) to each group of 16 rows of `z` (rows zero-padded to a multiple of 16).
+    """Apply (H16·diag(signs)) to each group of 16 rows (dim -2) of `z`, rows zero-padded to a multiple of 16.
 
     The transform is orthogonal, so ``(T·D)ᵀ(T·X) = DᵀX``: applying it to both wgrad operands leaves the exact
     product unchanged while spreading outliers across 16 tokens before quantization.
     """
-    l = z.shape[0]
-    pad = (-l) % 16
+    pad = (-z.shape[-2]) % 16
     if pad:
         z = torch.nn.functional.pad(z, (0, 0, 0, pad))
     t = _hadamard16(z.device) * signs.to(z.device)[None, :]
-    return torch.einsum("ij,bjc->bic", t, z.reshape(-1, 16, z.shape[-1])).reshape(z.shape)
+    blocks = z.reshape(*z.shape[:-2], -1, 16, z.shape[-1])
+    return torch.einsum("ij,...bjc->...bic", t, blocks).reshape(z.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The three GEMMs, written as explicit sums of residual and rank-1 mean terms
+# The three GEMMs, written as explicit sums of residual and rank-1 mean terms (batched over groups)
 # ---------------------------------------------------------------------------------------------------------------
 
-def fprop(rx_q: torch.Tensor, mu_x_q: torch.Tensor | None, w_q: torch.Tensor,
-          bias: torch.Tensor | None) -> torch.Tensor:
-    """Y = Q(R_X)·Q(W)ᵀ + 1·(Q(μ_X)·Q(W)ᵀ) (+ bias), FP32."""
-    y = rx_q @ w_q.t()
+def _mt(w: torch.Tensor) -> torch.Tensor:
+    return w.transpose(-1, -2)
+
+
+def fprop(rx_q: torch.Tensor, mu_x_q: torch.Tensor | None, w_q: torch.Tensor) -> torch.Tensor:
+    """Y = Q(R_X)·Q(W)ᵀ + 1·(Q(μ_X)·Q(W)ᵀ), FP32, [G, L, N]."""
+    y = rx_q @ _mt(w_q)
     if mu_x_q is not None:
-        y = y + (mu_x_q @ w_q.t())
-    if bias is not None:
-        y = y + bias.float()
+        y = y + mu_x_q[:, None, :] @ _mt(w_q)
     return y
 
 
 def dgrad(rd_q: torch.Tensor, mu_d_q: torch.Tensor | None, w_q: torch.Tensor) -> torch.Tensor:
-    """dX = Q(R_D)·Q(W) + 1·(Q(μ_D)·Q(W)), FP32."""
+    """dX = Q(R_D)·Q(W) + 1·(Q(μ_D)·Q(W)), FP32, [G, L, K]."""
     dx = rd_q @ w_q
     if mu_d_q is not None:
-        dx = dx + (mu_d_q @ w_q)
+        dx = dx + mu_d_q[:, None, :] @ w_q
     return dx
 
 
 def wgrad(rd_q: torch.Tensor, mu_d_q: torch.Tensor | None, rx_q: torch.Tensor, mu_x_q: torch.Tensor | None,
           ones: torch.Tensor) -> torch.Tensor:
-    """dW = Q_A(D)ᵀQ_A(X) expanded into the residual GEMM and three rank-1 terms, FP32.
+    """dW = Q_A(D)ᵀQ_A(X) expanded into the residual GEMM and three rank-1 terms, FP32, [G, N, K].
 
-    `ones` is the token-space vector that carries the means (all ones, or its Hadamard transform).
+    `ones` [G, L] is the token-space vector that carries the means (the real-token mask, or its Hadamard transform).
     """
-    dw = rd_q.t() @ rx_q
+    dw = _mt(rd_q) @ rx_q
     if mu_x_q is not None:
-        dw = dw + torch.outer(rd_q.t() @ ones, mu_x_q)
+        dw = dw + (_mt(rd_q) @ ones[..., None]) * mu_x_q[:, None, :]
     if mu_d_q is not None:
-        dw = dw + torch.outer(mu_d_q, ones @ rx_q)
+        dw = dw + mu_d_q[:, :, None] * (ones[:, None, :] @ rx_q)
     if mu_x_q is not None and mu_d_q is not None:
-        dw = dw + (ones @ ones) * torch.outer(mu_d_q, mu_x_q)
+        dw = dw + (ones * ones).sum(1)[:, None, None] * (mu_d_q[:, :, None] * mu_x_q[:, None, :])
     return dw
 
 
-def _pack_state(p: PackedTensor) -> tuple[list[torch.Tensor], tuple]:
+def _saved(p: PackedTensor | None) -> tuple[list[torch.Tensor], tuple | None]:
+    if p is None:
+        return [], None
     tensors = [p.codes, p.scales] + ([p.tensor_scale] if p.tensor_scale is not None else [])
-    return tensors, (p.shape, p.axis, p.format, p.block_2d, p.tensor_scale is not None)
+    return tensors, (p.shape, p.axis, p.format, p.block_2d, len(tensors))
 
 
-def _unpack_state(tensors: list[torch.Tensor], meta: tuple) -> PackedTensor:
-    shape, axis, fmt, block_2d, has_ts = meta
-    return PackedTensor(tensors[0], tensors[1], tensors[2] if has_ts else None, shape, axis, fmt, block_2d)
+def _restore(tensors: list[torch.Tensor], meta: tuple | None) -> tuple[PackedTensor | None, list[torch.Tensor]]:
+    if meta is None:
+        return None, tensors
+    shape, axis, fmt, block_2d, n = meta
+    ts = tensors[2] if n == 3 else None
+    return PackedTensor(tensors[0], tensors[1], ts, shape, axis, fmt, block_2d), tensors[n:]
 
 
-class AverisLinearFunction(torch.autograd.Function):
-    """W4A4G4 linear with Averis mean-residual splitting (reference numerics, FP32 arithmetic)."""
+class GroupedAverisLinearFunction(torch.autograd.Function):
+    """W4A4G4 Averis linear over G groups: x [G, L, K] · weight [G, N, K]ᵀ → [G, L, N] (reference, FP32)."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None, recipe: Recipe,
                 seed: int) -> torch.Tensor:
-        with torch.autocast(x2d.device.type, enabled=False):  # the op's FP32 arithmetic is part of its numerics
-            return AverisLinearFunction._forward(ctx, x2d, weight, bias, recipe, seed)
+        with torch.autocast(x.device.type, enabled=False):  # the op's FP32 arithmetic is part of its numerics
+            return GroupedAverisLinearFunction._forward(ctx, x, weight, mask, recipe, seed)
 
     @staticmethod
-    def _forward(ctx, x2d, weight, bias, recipe, seed):
-        need_wgrad = ctx.needs_input_grad[1]
-        need_dgrad = ctx.needs_input_grad[0]
-        gen = make_generator(mix_seed(seed, 1), x2d.device) if (recipe.sr_activations or recipe.sr_weights) else None
-        rx, mu_x = center(x2d, recipe.center_activations)
-        pw = quantize_weight(weight, recipe, 1, gen)
+    def _forward(ctx, x, weight, mask, recipe, seed):
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1], device=x.device)
+        gen = make_generator(mix_seed(seed, 1), x.device) if (recipe.sr_activations or recipe.sr_weights) else None
+        two_d = recipe.weight_block_2d
+        rx, mu_x = center(x, recipe.center_activations, mask, counts)
+        pw = _pack(weight.float(), recipe, -1, recipe.sr_weights, gen, two_d)
         w_q = dequantize(pw)
-        rnd = _rounding(recipe.sr_activations)
-        mu_x_q = quantize_mean(mu_x, recipe, recipe.sr_activations, gen)
-        saved: list[torch.Tensor] = []
-        px_meta = pw_meta = None
+        mu_x_q = None if mu_x is None else _fq(mu_x, recipe, -1, recipe.sr_activations, gen)
+        px = None
         if recipe.block_axis == "last":
-            px = quantize(rx, recipe.format, -1, rnd, gen, mx_scale=recipe.mx_scale)
+            px = _pack(rx, recipe, -1, recipe.sr_activations, gen)
             rx_q = dequantize(px)
         else:
-            rx_q = fake_quantize(rx, recipe.format, -1, rnd, gen, mx_scale=recipe.mx_scale)
-            px = None
+            rx_q = _fq(rx, recipe, -1, recipe.sr_activations, gen)
             if need_wgrad:
                 rx_t = hadamard_tokens(rx, hadamard_signs(seed)) if recipe.hadamard else rx
-                px = quantize(rx_t, recipe.format, 0, rnd, gen, mx_scale=recipe.mx_scale)
-        y = fprop(rx_q, mu_x_q, w_q, bias)
-        if need_wgrad and px is not None:
-            t, px_meta = _pack_state(px)
-            saved += t
-        reuse_weight = recipe.block_axis == "last" or recipe.weight_block_2d
-        if need_dgrad and reuse_weight:  # dgrad reuses this very Q(W) (same blocks, same SR draw)
-            t, pw_meta = _pack_state(pw)
-            saved += t
-        ctx.save_for_backward(weight, *saved, *([mu_x_q] if mu_x_q is not None else []))
-        ctx.meta = (recipe, seed, px_meta, pw_meta, mu_x_q is not None, bias is not None, x2d.shape[0])
-        return y.to(x2d.dtype)
+                px = _pack(rx_t, recipe, 1, recipe.sr_activations, gen)
+        y = fprop(rx_q, mu_x_q, w_q)
+        if mask is not None:
+            y = y * mask[..., None]
+        keep_w = need_dgrad and (recipe.block_axis == "last" or two_d)  # dgrad reuses this very Q(W)
+        saved_x, meta_x = _saved(px if need_wgrad else None)
+        saved_w, meta_w = _saved(pw if keep_w else None)
+        extra = [t for t in (mask, mu_x_q) if t is not None]
+        ctx.save_for_backward(weight, counts, *saved_x, *saved_w, *extra)
+        ctx.meta = (recipe, seed, meta_x, meta_w, mask is not None, mu_x_q is not None)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         with torch.autocast(dy.device.type, enabled=False):
-            return AverisLinearFunction._backward(ctx, dy)
+            dx, dw = GroupedAverisLinearFunction._backward(ctx, dy)
+        return dx, dw, None, None, None
 
     @staticmethod
     def _backward(ctx, dy):
-        recipe, seed, px_meta, pw_meta, has_mu_x, has_bias, n_tokens = ctx.meta
-        weight, *rest = ctx.saved_tensors
-        px = pw = None
-        if px_meta is not None:
-            k = 3 if px_meta[-1] else 2
-            px, rest = _unpack_state(rest[:k], px_meta), rest[k:]
-        if pw_meta is not None:
-            k = 3 if pw_meta[-1] else 2
-            pw, rest = _unpack_state(rest[:k], pw_meta), rest[k:]
-        mu_x_q = rest[0] if has_mu_x else None
+        recipe, seed, meta_x, meta_w, has_mask, has_mu_x = ctx.meta
+        weight, counts, *rest = ctx.saved_tensors
+        px, rest = _restore(rest, meta_x)
+        pw, rest = _restore(rest, meta_w)
+        mask = rest.pop(0) if has_mask else None
+        mu_x_q = rest.pop(0) if has_mu_x else None
 
         gen = make_generator(mix_seed(seed, 2), dy.device)
-        rnd = _rounding(recipe.sr_gradients)
-        rd, mu_d = center(dy, recipe.center_gradients)
-        mu_d_q = quantize_mean(mu_d, recipe, recipe.sr_gradients, gen)
+        sr = recipe.sr_gradients
+        d = dy.float() * mask[..., None] if mask is not None else dy
+        rd, mu_d = center(d, recipe.center_gradients, mask, counts)
+        mu_d_q = None if mu_d is None else _fq(mu_d, recipe, -1, sr, gen)
         rd_last = None
         if ctx.needs_input_grad[0] or recipe.block_axis == "last":
-            rd_last = fake_quantize(rd, recipe.format, -1, rnd, gen, mx_scale=recipe.mx_scale)
+            rd_last = _fq(rd, recipe, -1, sr, gen)
 
-        dx = dw = db = None
+        dx = dw = None
         if ctx.needs_input_grad[0]:
-            if pw is not None:
-                w_q = dequantize(pw)
-            else:  # fresh quantization of W along out-features, the reduction axis of dX = D·W
-                w_q = dequantize(quantize_weight(weight, recipe, 0, gen))
-            dx = dgrad(rd_last, mu_d_q, w_q).to(dy.dtype)
+            # Q(W) along out-features (the reduction axis of dX = D·W), or the forward's Q(W) when reused
+            w_q = dequantize(pw) if pw is not None else _fq(weight.float(), recipe, 1, recipe.sr_weights, gen)
+            dx = dgrad(rd_last, mu_d_q, w_q)
+            if mask is not None:
+                dx = dx * mask[..., None]
+            dx = dx.to(dy.dtype)
         if ctx.needs_input_grad[1]:
             rx_q = dequantize(px)
+            ones = mask.float() if mask is not None else torch.ones(dy.shape[:2], device=dy.device)
             if recipe.block_axis == "last":
                 rd_q = rd_last
-                ones = torch.ones(n_tokens, device=dy.device)
             else:
-                signs = hadamard_signs(seed) if recipe.hadamard else None
-                rd_t = hadamard_tokens(rd, signs) if recipe.hadamard else rd
-                rd_q = fake_quantize(rd_t, recipe.format, 0, rnd, gen, mx_scale=recipe.mx_scale)
-                ones = torch.ones(n_tokens, device=dy.device)
                 if recipe.hadamard:
-                    ones = hadamard_tokens(ones[:, None], signs)[:, 0]
+                    signs = hadamard_signs(seed)
+                    rd = hadamard_tokens(rd, signs)
+                    ones = hadamard_tokens(ones[..., None], signs)[..., 0]
+                rd_q = _fq(rd, recipe, 1, sr, gen)
             dw = wgrad(rd_q, mu_d_q, rx_q, mu_x_q, ones).to(weight.dtype)
-        if has_bias and ctx.needs_input_grad[2]:
-            db = dy.float().sum(0).to(dy.dtype)
-        return dx, dw, db, None, None
+        return dx, dw
 
 
 def averis_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                   seed: int = 0) -> torch.Tensor:
-    """Apply the W4A4G4 Averis linear to `x` (..., in_features) → (..., out_features)."""
+    """W4A4G4 Averis linear of a dense layer: `x` (..., in_features) → (..., out_features)."""
     lead = x.shape[:-1]
-    y = AverisLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, recipe, seed)
-    return y.reshape(*lead, weight.shape[0])
+    y = GroupedAverisLinearFunction.apply(x.reshape(1, -1, x.shape[-1]), weight[None], None, recipe, seed)
+    y = y.reshape(*lead, weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def grouped_averis_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
+                          seed: int = 0) -> torch.Tensor:
+    """W4A4G4 Averis linear of G groups (MoE experts): x [G, L, K], weight [G, N, K], mask [G, L] → [G, L, N]."""
+    return GroupedAverisLinearFunction.apply(x, weight, mask.to(torch.float32), recipe, seed)
 
 
 def packed_linear(x: torch.Tensor, packed_weight: PackedTensor, bias: torch.Tensor | None,
                   recipe: Recipe) -> torch.Tensor:
     """Inference forward on a packed weight: W4A4 with Averis (exactly the training forward with RTN) or W4A16."""
     with torch.autocast(x.device.type, enabled=False):
-        return _packed_linear(x, packed_weight, bias, recipe)
+        w_q = dequantize(packed_weight)
+        if recipe.activations == "none":
+            return torch.nn.functional.linear(x, w_q.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        lead = x.shape[:-1]
+        y = packed_grouped_linear(x.reshape(1, -1, x.shape[-1]), w_q[None], None, recipe)
+        y = y.reshape(*lead, w_q.shape[0])
+        return y if bias is None else y + bias.to(y.dtype)
 
 
-def _packed_linear(x, packed_weight, bias, recipe):
-    w_q = dequantize(packed_weight)
-    if recipe.activations == "none":
-        return torch.nn.functional.linear(x, w_q.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    rx, mu_x = center(x2d, recipe.center_activations)
-    rx_q = fake_quantize(rx, recipe.format, -1, "rtn", mx_scale=recipe.mx_scale)
-    mu_x_q = quantize_mean(mu_x, recipe, False, None)
-    y = fprop(rx_q, mu_x_q, w_q, bias)
-    return y.to(x.dtype).reshape(*lead, w_q.shape[0])
-
+def packed_grouped_linear(x: torch.Tensor, w_q: torch.Tensor, mask: torch.Tensor | None, recipe: Recipe
+                          ) -> torch.Tensor:
+    """W4A4 forward of G groups on dequantized packed weights [G, N, K] (RTN, same math as training)."""
+    counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1], device=x.device)
+    rx, mu_x = center(x, recipe.center_activations, mask, counts)
+    rx_q = _fq(rx, recipe, -1, False, None)
+    mu_x_q = None if mu_x is None else _fq(mu_x, recipe, -1, False, None)
+    y = fprop(rx_q, mu_x_q, w_q)
+    if mask is not None:
+        y = y * mask[..., None]
+    return y.to(x.dtype)

@@ -979,3 +979,76 @@ def test_error_messages(fn):
 def test_round_to_e2m1_bad_rounding_message():
     with pytest.raises(ValueError, match=r"rounding='up'"):
         round_to_e2m1(t32([1.0]), "up")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Per-slice tensor scales (slices=True: dim 0 indexes independent tensors, e.g. experts of a grouped GEMM)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _slice_data(shape, seed):
+    x = rand_input(shape, seed=seed)
+    return x * torch.tensor([10.0 ** k for k in range(-1, shape[0] - 1)]).reshape(-1, *([1] * (len(shape) - 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt,ms", FMTS, ids=FMT_IDS)
+@pytest.mark.parametrize("shape,axis,block_2d", [((3, 5, 40), -1, False), ((3, 17, 4), 1, False),
+                                                 ((4, 33), 1, False), ((2, 20, 35), -1, True)],
+                         ids=["3d-last", "3d-ax1", "2d", "2d-tiles"])
+def test_slices_equal_independent_tensors(shape, axis, block_2d, fmt, ms, dtype):
+    x = _slice_data(shape, seed=shape[-1]).to(dtype)
+    kw = dict(format=fmt, axis=axis, block_2d=block_2d, mx_scale=ms)
+    p = quantize(x, slices=True, **kw)
+    fq = fake_quantize(x, slices=True, **kw)
+    assert fq.dtype == dtype and fq.shape == x.shape
+    assert_bits_equal(dequantize(p, dtype), fq)
+    sub_axis = axis - 1 if axis > 0 else axis
+    parts = [quantize(x[i], **{**kw, "axis": sub_axis}) for i in range(shape[0])]
+    assert_bits_equal(fq, torch.stack([dequantize(q, dtype) for q in parts]))
+    assert torch.equal(p.scales, torch.stack([q.scales for q in parts]))
+    assert torch.equal(p.codes, torch.stack([q.codes for q in parts]))
+    if fmt == "nvfp4":
+        assert p.tensor_scale.shape == (shape[0],)
+        assert_bits_equal(p.tensor_scale, torch.stack([q.tensor_scale for q in parts]))
+        # the slices really have different tensor scales, so this differs from one shared scale
+        assert not torch.equal(fq, fake_quantize(x, **kw))
+    else:
+        assert p.tensor_scale is None
+        assert_bits_equal(fq, fake_quantize(x, **kw))  # MXFP4 has no tensor scale: slices change nothing
+
+
+def test_slices_tensor_scale_override_and_nonfinite():
+    x = _slice_data((3, 4, 32), seed=50)
+    forced = t32([0.01, 0.2, 3.0])
+    fq = fake_quantize(x, slices=True, tensor_scale=forced)
+    assert_bits_equal(fq, torch.stack([fake_quantize(x[i], tensor_scale=forced[i]) for i in range(3)]))
+    assert_bits_equal(quantize(x, slices=True, tensor_scale=forced).tensor_scale, forced)
+    # one scalar tensor scale is shared by all slices
+    one = t32(0.05)
+    assert_bits_equal(fake_quantize(x, slices=True, tensor_scale=one), fake_quantize(x, tensor_scale=one))
+    # a non-finite value poisons only its own slice (each slice is a tensor with its own scale)
+    y = x.clone()
+    y[1, 2, 7] = math.inf
+    out = fake_quantize(y, slices=True)
+    assert torch.isnan(out[1]).all()
+    assert_bits_equal(out[0], fake_quantize(x[0]))
+    assert_bits_equal(out[2], fake_quantize(x[2]))
+    assert torch.isnan(quantize(y, slices=True).tensor_scale).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("fn", [quantize, fake_quantize], ids=["quantize", "fake_quantize"])
+def test_slices_error_messages(fn):
+    x = torch.randn(3, 4, 32)
+    with pytest.raises(ValueError, match=r"axis=0 is the slice dimension"):
+        fn(x, slices=True, axis=0)
+    with pytest.raises(ValueError, match=r"axis=0 is the slice dimension"):
+        fn(x, slices=True, axis=-3)
+    with pytest.raises(ValueError, match=r"tensor_scale has 2 values.*\(3\)"):
+        fn(x, slices=True, tensor_scale=t32([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"block_2d=True needs a 3-D \(slices\) tensor, got shape \(3, 32\)"):
+        fn(torch.randn(3, 32), slices=True, block_2d=True)
+    with pytest.raises(ValueError, match=r"slices=True needs .*\(32,\)"):
+        fn(torch.randn(32), slices=True)
+    # a 0-d tensor has no slice dimension either: quantize and fake_quantize must agree (both refuse)
+    with pytest.raises(ValueError, match=r"slices=True"):
+        fn(t32(2.0), slices=True)
