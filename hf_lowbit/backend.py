@@ -14,7 +14,7 @@ import torch
 
 from . import averis
 from .config import Recipe
-from .numerics import PackedTensor, quantize
+from .numerics import PackedTensor, dequantize, quantize
 
 
 class TorchBackend:
@@ -31,6 +31,20 @@ class TorchBackend:
                       recipe: Recipe) -> torch.Tensor:
         """Inference linear on a packed FP4 weight (W4A4 or W4A16 per `recipe.activations`)."""
         return averis.packed_linear(x, packed_weight, bias, recipe)
+
+    def grouped_linear_train(self, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
+                             seed: int) -> torch.Tensor:
+        """W4A4G4 Averis linear of G groups (MoE experts): x [G, L, K] · weight [G, N, K]ᵀ, with autograd."""
+        return averis.grouped_averis_linear(x, weight, mask, recipe, seed)
+
+    def grouped_linear_packed(self, x: torch.Tensor, packed_weight: PackedTensor, mask: torch.Tensor,
+                              recipe: Recipe) -> torch.Tensor:
+        """Inference linear of G groups on packed weights [G, N, K] (W4A4 or W4A16)."""
+        w_q = dequantize(packed_weight)
+        if recipe.activations == "none":
+            return x @ w_q.transpose(-1, -2).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return averis.packed_grouped_linear(x, w_q, mask, recipe)
 
     def quantize(self, x: torch.Tensor, format: str, axis: int = -1, rounding: str = "rtn",
                  generator: torch.Generator | None = None, block_2d: bool = False, mx_scale: str = "floor"

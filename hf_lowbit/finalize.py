@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import LowBitConfig
 from .layers import LowBitLinear
+from .model_patches import LowBitExperts
 
 
 def _lowbit_config(model: nn.Module) -> LowBitConfig:
@@ -29,7 +30,7 @@ def finalize(model: nn.Module, inplace: bool = True) -> nn.Module:
         model = copy.deepcopy(model)
         cfg = _lowbit_config(model)
     for module in model.modules():
-        if isinstance(module, LowBitLinear):
+        if isinstance(module, (LowBitLinear, LowBitExperts)):
             module.to_infer()
     cfg.mode = "infer"
     quantizer = getattr(model, "hf_quantizer", None)

@@ -41,11 +41,11 @@ def to_row_blocks(p: PackedTensor) -> PackedTensor:
     if not p.block_2d:
         return p
     b = p.fmt.block_size
-    rows, cols = p.shape
-    scales = p.scales.repeat_interleave(b, dim=0)[:rows]
-    codes = unpack_codes(p.codes)[:rows]
-    return PackedTensor(pack_codes(codes).contiguous(), scales.contiguous(), p.tensor_scale, p.shape, 1, p.format,
-                        False)
+    rows = p.shape[-2]
+    scales = p.scales.repeat_interleave(b, dim=-2)[..., :rows, :]
+    codes = unpack_codes(p.codes)[..., :rows, :]
+    return PackedTensor(pack_codes(codes).contiguous(), scales.contiguous(), p.tensor_scale, p.shape,
+                        len(p.shape) - 1, p.format, False)
 
 
 class LowBitLinear(nn.Linear):

@@ -376,6 +376,8 @@ def quantize(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: R
     _check_inputs(x, rounding)
     fmt = get_format(format)
     if x.dim() == 0:
+        if slices:
+            raise ValueError("slices=True needs a tensor with a slice dimension and data, got shape ()")
         x = x.reshape(1)
         shape: tuple[int, ...] = ()
     else:
@@ -425,6 +427,8 @@ def fake_quantize(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, roundi
     _check_inputs(x, rounding)
     fmt = get_format(format)
     if x.dim() == 0:
+        if slices:
+            raise ValueError("slices=True needs a tensor with a slice dimension and data, got shape ()")
         return fake_quantize(x.reshape(1), format, 0, rounding, generator, False, mx_scale, tensor_scale
                              ).reshape(())
     q, ax, layout = _blocked(x, fmt, axis, rounding, generator, block_2d, mx_scale, tensor_scale, slices)

@@ -22,9 +22,15 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .config import LowBitConfig
 from .layers import LowBitLinear
-from .replace import swap_linears
+from .model_patches import MATRICES, LowBitExperts, swap_experts
+from .replace import stable_layer_id, swap_linears
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    """A meta float parameter with the checkpoint tensor's shape (quantize-on-load target)."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
 
 
 class LowBitQuantizeOp(ConversionOps):
@@ -38,20 +44,24 @@ class LowBitQuantizeOp(ConversionOps):
         for key, value in input_dict.items():
             tensor = value[0] if isinstance(value, list) else value
             module, tensor_name = get_module_from_name(model, key)
-            if not isinstance(module, LowBitLinear) or tensor_name != "weight":
-                raise ValueError(f"hf_lowbit: unexpected tensor {key!r} in quantize-on-load")
             with torch.no_grad():
-                module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
-                module.mode = "train"
-                module.to_infer()
-            for name in ("weight", "weight_scale", "weight_tensor_scale"):
+                if isinstance(module, LowBitLinear) and tensor_name == "weight":
+                    module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
+                    module.mode = "train"
+                    module.to_infer()
+                    names = ("weight", "weight_scale", "weight_tensor_scale")
+                elif isinstance(module, LowBitExperts) and tensor_name in MATRICES:
+                    module.load_packed(tensor_name, module.quantize_weight(tensor))
+                    names = (tensor_name, f"{tensor_name}_scale", f"{tensor_name}_tensor_scale")
+                else:
+                    raise ValueError(f"hf_lowbit: unexpected tensor {key!r} in quantize-on-load")
+            prefix = key.rsplit(".", 1)[0]
+            for name in names:
                 param = getattr(module, name, None)
                 if param is not None:  # tells transformers not to run its random init over the packed data
                     param._is_hf_initialized = True
-            prefix = key.rsplit(".", 1)[0]
-            if missing_keys is not None:
-                for suffix in ("weight", "weight_scale", "weight_tensor_scale"):
-                    missing_keys.discard(f"{prefix}.{suffix}")
+                if missing_keys is not None:
+                    missing_keys.discard(f"{prefix}.{name}")
         return {}
 
 
@@ -101,22 +111,32 @@ class LowBitHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         self.modules_to_not_convert = self.modules_to_skip(model)
         packed_storage = cfg.mode == "infer" and self.pre_quantized
-        names = swap_linears(model, cfg, self.modules_to_not_convert, "infer" if packed_storage else "train")
+        storage = "infer" if packed_storage else "train"
+        names = swap_linears(model, cfg, self.modules_to_not_convert, storage)
+        experts = swap_experts(model, cfg, self.modules_to_not_convert, storage, layer_id=stable_layer_id)
         if cfg.mode == "infer" and not self.pre_quantized:
-            for name in names:  # float placeholder `weight` receives the checkpoint tensor, then gets packed
+            # float placeholders receive the checkpoint tensors, which the quantize op packs as they arrive
+            for name in names:
                 module = model.get_submodule(name)
                 module.mode = "infer"
                 module._make_packed_params(device=module.weight.device)
-                module.weight = nn.Parameter(torch.empty(module.out_features, module.in_features,
-                                                         dtype=module.compute_dtype, device="meta"),
-                                             requires_grad=False)
-        self.converted_modules = names
+                module.weight = _placeholder((module.out_features, module.in_features), module.compute_dtype)
+            for name in experts:
+                module = model.get_submodule(name)
+                module.mode = "infer"
+                module._make_packed_params(device=module.gate_up_proj.device)
+                for m in MATRICES:
+                    shape = (module.num_experts, module._out_features(m), module._in_features(m))
+                    setattr(module, m, _placeholder(shape, module.compute_dtype))
+        self.converted_modules = names + experts
         return model
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized or self.quantization_config.mode != "infer":
             return False
         module, tensor_name = get_module_from_name(model, param_name)
+        if isinstance(module, LowBitExperts):
+            return tensor_name in MATRICES and module.mode == "infer"
         return isinstance(module, LowBitLinear) and tensor_name == "weight" and module.mode == "infer"
 
     def get_quantize_ops(self) -> ConversionOps:
@@ -124,11 +144,13 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for module in model.modules():
-            if isinstance(module, LowBitLinear) and module.mode == "infer":
-                for name in ("weight", "weight_scale", "weight_tensor_scale"):
-                    p = getattr(module, name, None)
-                    if p is not None:
+            if isinstance(module, (LowBitLinear, LowBitExperts)) and module.mode == "infer":
+                for p in module.parameters(recurse=False):
+                    if not p.is_floating_point() or p.dim() <= 1:  # packed codes, scales, tensor scales
                         p.requires_grad_(False)
+                if isinstance(module, LowBitExperts):
+                    for m in MATRICES:
+                        getattr(module, m).requires_grad_(False)
         return model
 
     # -- capabilities ----------------------------------------------------------------------------------------------
@@ -163,5 +185,14 @@ class LowBitHfQuantizer(HfQuantizer):
                     if module.bias is not None:
                         lin.bias.copy_(module.bias)
                 model.set_submodule(name, lin)
+            elif isinstance(module, LowBitExperts):  # back to float experts with the stock (high-precision) math
+                gate_up, down = module.dequantized_weights()
+                target = dtype or module.compute_dtype
+                module.mode, module.recipe = "train", None
+                for m, w in zip(MATRICES, (gate_up, down)):
+                    setattr(module, m, nn.Parameter(w.to(target)))
+                    for suffix in ("_scale", "_tensor_scale"):
+                        if hasattr(module, m + suffix):
+                            delattr(module, m + suffix)
         return model
 

@@ -73,6 +73,7 @@ def convert(model: nn.Module, config: LowBitConfig | None = None) -> nn.Module:
     Use it for models built with `from_config` (training from scratch). The model can then be trained, finalized,
     saved with `save_pretrained` and reloaded with `from_pretrained` like a model loaded with the config.
     """
+    from .model_patches import swap_experts
     from .quantizer import LowBitHfQuantizer
 
     config = config or LowBitConfig()
@@ -82,6 +83,7 @@ def convert(model: nn.Module, config: LowBitConfig | None = None) -> nn.Module:
     quantizer = LowBitHfQuantizer(config, pre_quantized=False)
     skip = quantizer.modules_to_skip(model)
     swap_linears(model, config, skip, config.mode, copy_weights=True)
+    swap_experts(model, config, skip, config.mode, copy_weights=True, layer_id=stable_layer_id)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = config.quant_method

@@ -1,0 +1,197 @@
+"""`LowBitExperts`: fused routed MoE experts computing in mean-centred FP4 (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3).
+
+Replaces `mlp.experts` while keeping the Hugging Face parameter names and layout — `gate_up_proj [E, 2I, H]`
+(gate rows, then up rows) and `down_proj [E, H, I]` — so stock checkpoints load (fused or per-expert legacy keys,
+merged by transformers' own conversions) and saved checkpoints split back into per-expert keys.
+
+Tokens are sorted by expert into one row block per expert (``[E, C, H]``, C = the largest expert load; padding
+rows are zero and masked), and every expert GEMM runs as one batched op over experts: no Python loop over experts.
+Each expert is its own FP4 tensor: its own Averis mean over the tokens routed to it, its own NVFP4 tensor scales.
+
+Storage modes as for `LowBitLinear`: ``"train"`` master weights (float, trainable), ``"infer"`` packed codes
+(``gate_up_proj`` uint8 ``[E, 2I, ceil(H/B)*B/2]`` packed along the input dim, ``gate_up_proj_scale`` uint8
+``[E, 2I, ceil(H/B)]``, NVFP4 ``gate_up_proj_tensor_scale`` FP32 ``[E]``; the same for ``down_proj``).
+``recipe=None`` computes in high precision (the stock experts' math), which SD-MoE uses without quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_lowbit.averis import mix_seed
+from hf_lowbit.backend import resolve_backend
+from hf_lowbit.config import Recipe
+from hf_lowbit.layers import to_row_blocks
+from hf_lowbit.numerics import PackedTensor, dequantize, get_format, quantize
+
+MATRICES = ("gate_up_proj", "down_proj")
+
+
+@dataclass
+class Routing:
+    """Where each (token, slot) assignment sits in the expert-major layout ``[E, C, ·]``."""
+
+    expert: torch.Tensor   # [n] expert of each kept assignment, sorted
+    pos: torch.Tensor      # [n] row inside that expert's block
+    token: torch.Tensor    # [n] source token
+    slot: torch.Tensor     # [n] which of the token's top-k choices
+    mask: torch.Tensor     # [E, C] 1.0 on real rows
+    capacity: int
+
+    @classmethod
+    def from_top_k(cls, top_k_index: torch.Tensor, num_experts: int) -> "Routing":
+        """Sort assignments by expert (stable); indices ≥ num_experts (experts not on this rank) are dropped."""
+        t, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        expert = flat[order]
+        keep = expert < num_experts
+        order, expert = order[keep], expert[keep]
+        counts = torch.bincount(expert, minlength=num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(len(expert), device=flat.device) - starts[expert]
+        capacity = max(int(counts.max().item()) if len(expert) else 0, 1)
+        mask = torch.zeros(num_experts, capacity, device=flat.device)
+        mask[expert, pos] = 1.0
+        return cls(expert, pos, order // k, order % k, mask, capacity)
+
+    def gather(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable)."""
+        e, c = self.mask.shape
+        x = hidden.new_zeros(e, c, hidden.shape[-1])
+        return x.index_put((self.expert, self.pos), hidden[self.token])
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype."""
+        rows = y[self.expert, self.pos] * weights[self.token, self.slot, None]
+        return torch.zeros_like(like).index_add(0, self.token, rows.to(like.dtype))
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class LowBitExperts(nn.Module):
+    """Routed experts of one MoE layer in mean-centred FP4 (or high precision with ``recipe=None``)."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
+                 recipe: Recipe | None = None, mode: str = "train", backend: str = "auto", seed: int = 0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if mode not in ("train", "infer"):
+            raise ValueError(f"LowBitExperts: mode={mode!r} is not valid; allowed: ['train', 'infer']")
+        if mode == "infer" and recipe is None:
+            raise ValueError("LowBitExperts: mode='infer' needs a recipe (packed FP4 weights)")
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.act_fn = act_fn
+        self.recipe, self.mode, self.backend, self.base_seed = recipe, mode, backend, seed
+        self.layer_id, self.calls = 0, 0
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        kw = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_dim, hidden_dim, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, intermediate_dim, **kw))
+        if mode == "infer":
+            self._make_packed_params(device)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, recipe: Recipe | None, mode: str = "train", backend: str = "auto",
+                     seed: int = 0) -> "LowBitExperts":
+        """Same shapes, device and dtype as a stock experts module (weights not copied: meta-friendly)."""
+        w = experts.gate_up_proj
+        return cls(experts.num_experts, w.shape[-1], w.shape[-2] // 2, experts.act_fn, recipe, mode, backend, seed,
+                   device=w.device, dtype=w.dtype)
+
+    # -- storage -------------------------------------------------------------------------------------------------
+    def _in_features(self, name: str) -> int:
+        return self.hidden_dim if name == "gate_up_proj" else self.intermediate_dim
+
+    def _out_features(self, name: str) -> int:
+        return 2 * self.intermediate_dim if name == "gate_up_proj" else self.hidden_dim
+
+    def _make_packed_params(self, device=None) -> None:
+        fmt = get_format(self.recipe.format)
+        for name in MATRICES:
+            device = device if device is not None else getattr(self, name).device
+            n_blocks = -(-self._in_features(name) // fmt.block_size)
+            rows = (self.num_experts, self._out_features(name))
+            setattr(self, name, _frozen(torch.zeros(*rows, n_blocks * fmt.block_size // 2, dtype=torch.uint8,
+                                                    device=device)))
+            setattr(self, f"{name}_scale", _frozen(torch.zeros(*rows, n_blocks, dtype=torch.uint8, device=device)))
+            ts = torch.zeros(self.num_experts, dtype=torch.float32, device=device) if fmt.has_tensor_scale else None
+            setattr(self, f"{name}_tensor_scale", None if ts is None else _frozen(ts))
+
+    def packed(self, name: str) -> PackedTensor:
+        """The packed weight `name` as a PackedTensor (one tensor per expert along dim 0)."""
+        ts = getattr(self, f"{name}_tensor_scale")
+        shape = (self.num_experts, self._out_features(name), self._in_features(name))
+        return PackedTensor(getattr(self, name), getattr(self, f"{name}_scale"), None if ts is None else ts.detach(),
+                            shape, 2, self.recipe.format, False)
+
+    def quantize_weight(self, weight: torch.Tensor) -> PackedTensor:
+        """Pack one fused weight [E, out, in] along `in` (RTN), one NVFP4 tensor per expert."""
+        r = self.recipe
+        p = quantize(weight.detach().float(), r.format, -1, "rtn", block_2d=r.weight_block_2d, mx_scale=r.mx_scale,
+                     slices=True)
+        return to_row_blocks(p)  # 2-D tiles → one scale per 1×B row block: the same values, the standard layout
+
+    @torch.no_grad()
+    def load_packed(self, name: str, p: PackedTensor) -> None:
+        """Set packed parameters of matrix `name` from a PackedTensor made by `quantize_weight`."""
+        setattr(self, name, _frozen(p.codes.contiguous()))
+        setattr(self, f"{name}_scale", _frozen(p.scales.contiguous()))
+        ts = None if p.tensor_scale is None else _frozen(p.tensor_scale.float().reshape(-1).contiguous())
+        setattr(self, f"{name}_tensor_scale", ts)
+
+    @torch.no_grad()
+    def to_infer(self) -> None:
+        """Pack the (effective) master weights in place; the module then runs inference only."""
+        if self.mode == "infer":
+            return
+        if self.recipe is None:
+            raise ValueError("LowBitExperts.to_infer(): a high-precision (recipe=None) module has nothing to pack")
+        weights = dict(zip(MATRICES, self.expert_weights()))
+        self.compute_dtype = weights["gate_up_proj"].dtype
+        for name in MATRICES:
+            self.load_packed(name, self.quantize_weight(weights[name]))
+        self.mode = "infer"
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (gate_up, down) weights the experts compute with; SD-MoE overrides this with W_c + W_u."""
+        return self.gate_up_proj, self.down_proj
+
+    def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense FP32 weights exactly as the FP4 forward sees them."""
+        if self.mode == "infer":
+            return tuple(dequantize(self.packed(n)) for n in MATRICES)
+        return tuple(dequantize(self.quantize_weight(w)) for w in self.expert_weights())
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, mask: torch.Tensor, which: int, weight: torch.Tensor | None) -> torch.Tensor:
+        if self.recipe is None:
+            return x @ weight.transpose(-1, -2).to(x.dtype)
+        backend = resolve_backend(self.backend, x.device)
+        if self.mode == "infer":
+            return backend.grouped_linear_packed(x, self.packed(MATRICES[which]), mask, self.recipe)
+        seed = mix_seed(self.base_seed, self.layer_id, self.calls, which)
+        return backend.grouped_linear_train(x, weight, mask, self.recipe, seed)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        routing = Routing.from_top_k(top_k_index, self.num_experts)
+        gate_up, down = self.expert_weights() if self.mode == "train" else (None, None)
+        x = routing.gather(hidden_states)
+        gate, up = self._linear(x, routing.mask, 0, gate_up).chunk(2, dim=-1)
+        h = self.act_fn(gate) * up * routing.mask[..., None].to(up.dtype)  # padding rows stay exactly zero
+        y = self._linear(h, routing.mask, 1, down)
+        if self.mode == "train":
+            self.calls += 1
+        return routing.combine(y, top_k_weights, hidden_states)
+
+    def extra_repr(self) -> str:
+        fmt = "high precision" if self.recipe is None else f"format={self.recipe.format}, mode={self.mode}"
+        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+                f"intermediate_dim={self.intermediate_dim}, {fmt}")
+
