@@ -28,8 +28,7 @@ _CHOICES: dict[str, tuple] = {
     "activations": ("fp4", "none"),
     "backend": ("auto", "triton", "torch"),
     "mx_scale": ("floor", "ceil"),
-    # MoE patches register themselves here when their module is present (see hf_lowbit.model_patches).
-    "moe": (None,),
+    "moe": (None, "sd"),
     "sd_init": ("preserve", "project", "scratch"),
 }
 _BOOLS = ("mean_center", "hadamard")

@@ -19,6 +19,15 @@ def tiny_config(kind: str):
         return LlamaConfig(**COMMON)
     if kind == "qwen3_moe":
         return Qwen3MoeConfig(**COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        from transformers import DeepseekV2Config, DeepseekV3Config
+
+        ds = dict(**{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                  q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)
+        if kind == "deepseek_v2":
+            return DeepseekV2Config(**ds, topk_method="group_limited_greedy")
+        return DeepseekV3Config(**ds, num_mtp_layers=0)
     if kind == "qwen2_moe":
         return Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
                               num_experts_per_tok=2)

@@ -1,0 +1,166 @@
+"""FP4 routed experts (LowBitExperts) on the four MoE families."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import hf_lowbit
+from hf_lowbit import LowBitConfig, LowBitLinear
+from hf_lowbit.averis import averis_linear
+from hf_lowbit.model_patches import LowBitExperts
+
+FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+
+
+def _load(path, cfg=None, **kw):
+    kw = {"quantization_config": cfg, **kw} if cfg is not None else kw
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[key], f"{key}: {info[key]}"
+    return model.eval()
+
+
+def _routing(t=40, e=4, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    idx[:5] = torch.tensor([0, 1])  # uneven loads: expert 0 and 1 get more tokens
+    return torch.randn(t, 64, generator=g) + 1.5, idx, torch.rand(t, k, generator=g)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_swap_coverage_routers_and_shared_parts(kind, tiny_model_dir):
+    model = _load(tiny_model_dir(kind), LowBitConfig())
+    experts = [n for n, m in model.named_modules() if isinstance(m, LowBitExperts)]
+    stock = [n for n, m in model.named_modules() if type(m).__name__.endswith("Experts")
+             and not isinstance(m, LowBitExperts)]
+    assert experts and not stock
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear and ".layers." in n]
+    assert all(n.endswith("shared_expert_gate") for n in plain), plain
+    moe_layer = model.model.layers[-1].mlp
+    assert not isinstance(moe_layer.gate, (LowBitLinear, LowBitExperts))  # router stays high precision
+    assert moe_layer.gate.weight.dtype == torch.float32
+    if kind == "deepseek_v3":
+        assert moe_layer.gate.e_score_correction_bias.dtype == torch.float32
+    shared = getattr(moe_layer, "shared_experts", None) or getattr(moe_layer, "shared_expert", None)
+    if shared is not None:
+        assert isinstance(shared.up_proj, LowBitLinear)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
+def test_high_precision_experts_equal_stock(kind, tiny_model_dir):
+    stock = _load(tiny_model_dir(kind)).model.layers[-1].mlp.experts
+    ours = LowBitExperts.from_experts(stock, recipe=None)
+    ours.load_state_dict(stock.state_dict())
+    h, idx, w = _routing()
+    assert torch.allclose(ours(h, idx, w), stock(h, idx, w), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_experts_equal_per_expert_reference_math(fmt, tiny_model_dir):
+    stock = _load(tiny_model_dir("qwen3_moe")).model.layers[0].mlp.experts
+    recipe = LowBitConfig(format=fmt, stochastic_rounding="none").recipe()
+    ours = LowBitExperts.from_experts(stock, recipe=recipe)
+    ours.load_state_dict(stock.state_dict())
+    h, idx, w = _routing()
+    h1 = h.clone().requires_grad_(True)
+    out = ours(h1, idx, w)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+
+    # reference: every expert on its own tokens through the dense Averis op (its own mean, its own scales)
+    h2 = h.clone().requires_grad_(True)
+    gu = ours.gate_up_proj.detach().clone().requires_grad_(True)
+    dn = ours.down_proj.detach().clone().requires_grad_(True)
+    ref = torch.zeros_like(h)
+    for e in range(4):
+        tok, slot = torch.where(idx == e)
+        a = averis_linear(h2[tok], gu[e], None, recipe)
+        g, u = a.chunk(2, dim=-1)
+        y = averis_linear(ours.act_fn(g) * u, dn[e], None, recipe)
+        ref = ref.index_add(0, tok, y * w[tok, slot, None])
+    ref.backward(dout)
+    scale = ref.abs().max().item()
+    assert torch.allclose(out, ref, atol=1e-5 * scale, rtol=1e-4)
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5 * h2.grad.abs().max().item(), rtol=1e-4)
+    assert torch.allclose(ours.gate_up_proj.grad, gu.grad, atol=1e-5 * gu.grad.abs().max().item(), rtol=1e-4)
+    assert torch.allclose(ours.down_proj.grad, dn.grad, atol=1e-5 * dn.grad.abs().max().item(), rtol=1e-4)
+    # FP4 actually changed the math
+    exact = LowBitExperts.from_experts(stock, recipe=None)
+    exact.load_state_dict(stock.state_dict())
+    assert not torch.allclose(out, exact(h, idx, w), atol=1e-3)
+
+
+def test_dropped_assignments_and_empty_experts():
+    experts = LowBitExperts(4, 64, 32, nn.SiLU(), LowBitConfig().recipe())
+    nn.init.normal_(experts.gate_up_proj, std=0.1)
+    nn.init.normal_(experts.down_proj, std=0.1)
+    h, idx, w = _routing(t=6)
+    idx[:, 1] = 4  # index == num_experts marks an expert on another rank: contributes nothing
+    idx[:, 0] = 2  # experts 0, 1, 3 get no tokens at all
+    out = experts(h, idx, w)
+    only = experts(h, idx[:, :1], w[:, :1])
+    assert torch.equal(out, only) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
+def test_router_logits_and_aux_loss_still_present(kind, tiny_model_dir, input_ids):
+    model = _load(tiny_model_dir(kind), LowBitConfig())
+    out = model(input_ids, labels=input_ids, output_router_logits=True)
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape[-1] == 4
+    out.loss.backward()
+    assert model.model.layers[0].mlp.experts.gate_up_proj.grad.abs().sum() > 0
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_finalize_save_reload_both_layouts(kind, fused, tiny_model_dir, tmp_path, input_ids):
+    model = _load(tiny_model_dir(kind), LowBitConfig())
+    with torch.no_grad():
+        train_logits = model(input_ids).logits
+    hf_lowbit.finalize(model)
+    experts = model.model.layers[-1].mlp.experts
+    assert experts.mode == "infer" and experts.gate_up_proj.dtype == torch.uint8
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, train_logits)
+    model.save_pretrained(tmp_path, save_original_format=not fused)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    legacy = any(".experts.0.gate_proj.weight" in k for k in keys)
+    assert legacy != fused and any(k.endswith("experts.gate_up_proj_scale") for k in keys)
+    reloaded = _load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, train_logits)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v2"])
+def test_quantize_on_load_of_stock_checkpoint_equals_finalize(kind, tiny_model_dir, input_ids):
+    on_load = _load(tiny_model_dir(kind), LowBitConfig(mode="infer"))
+    finalized = hf_lowbit.finalize(_load(tiny_model_dir(kind), LowBitConfig()))
+    a, b = on_load.state_dict(), finalized.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with torch.no_grad():
+        assert torch.equal(on_load(input_ids).logits, finalized(input_ids).logits)
+
+
+def test_weight_only_experts_and_dequantize(tiny_model_dir, input_ids):
+    path = tiny_model_dir("qwen3_moe")
+    w4a16 = _load(path, LowBitConfig(mode="infer", activations="none"))
+    experts = w4a16.model.layers[0].mlp.experts
+    gate_up, down = experts.dequantized_weights()
+    ref = _load(path)
+    ref.model.layers[0].mlp.experts.gate_up_proj.data = gate_up
+    ref.model.layers[0].mlp.experts.down_proj.data = down
+    h, idx, w = _routing()
+    with torch.no_grad():
+        assert torch.allclose(experts(h, idx, w), ref.model.layers[0].mlp.experts(h, idx, w), atol=1e-5)
+    plain = w4a16.dequantize()
+    assert not any(isinstance(m, (LowBitExperts, LowBitLinear)) and m.recipe is not None for m in plain.modules())
+    with torch.no_grad():
+        assert torch.isfinite(plain(input_ids).logits).all()
