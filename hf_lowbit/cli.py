@@ -14,6 +14,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run_diagnose
+
+    run_diagnose(args.model, args.text, args.output_dir, tokens=args.tokens, block=args.block,
+                 gradients=args.gradients, overwrite=args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowbit", description="Mean-centred FP4 training and inference "
                                      "for Hugging Face models.")
@@ -28,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", default="nvfp4", help="nvfp4 or mxfp4")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     demo.set_defaults(func=_demo)
+
+    diag = sub.add_parser("diagnose", help="mean-bias report (JSON + PNG) of a checkpoint's FP4 GEMM inputs")
+    diag.add_argument("model", help="checkpoint directory (with tokenizer), float or hf_lowbit")
+    diag.add_argument("--text", default=None, help="text file to run (default: the packaged demo text)")
+    diag.add_argument("--output-dir", default="hf_lowbit_diagnose")
+    diag.add_argument("--tokens", type=int, default=2048)
+    diag.add_argument("--block", type=int, default=256)
+    diag.add_argument("--gradients", action="store_true", help="also analyse output gradients (runs backward)")
+    diag.add_argument("--overwrite", action="store_true")
+    diag.set_defaults(func=_diagnose)
     return parser
 
 
