@@ -99,3 +99,23 @@ def test_lora_on_packed_base_trains_saves_reloads_and_merges(tiny_model_dir, tmp
     assert torch.equal(q.base_layer.weight, codes)
     plain = reloaded.merge_and_unload()
     assert isinstance(plain.model.layers[0].self_attn.q_proj, LowBitLinear)
+
+
+def test_gradient_checkpointing_and_finalize_copy(tiny_model_dir, tmp_path):
+    cfg = LowBitConfig(stochastic_rounding="none")  # SR streams advance per call; RTN makes runs comparable
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=cfg)
+    data = RepeatingText()
+    batch = torch.stack([data[i]["input_ids"] for i in range(4)])
+    model.train()
+    model(batch, labels=batch).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model(batch, labels=batch).loss.backward()
+    for n, p in model.named_parameters():  # RTN activations: recomputation reproduces the forward exactly
+        assert torch.allclose(p.grad, grads[n], atol=1e-6, rtol=1e-5), n
+    packed = hf_lowbit.finalize(model, inplace=False)
+    assert model.model.layers[0].mlp.up_proj.mode == "train"
+    assert model.config.quantization_config.mode == "train"
+    assert packed.model.layers[0].mlp.up_proj.mode == "infer"
+    assert packed.config.quantization_config.mode == "infer"
