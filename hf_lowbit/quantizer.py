@@ -23,7 +23,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from .config import LowBitConfig
 from .layers import LowBitLinear
 from .model_patches import MATRICES, LowBitExperts, swap_experts
-from .replace import stable_layer_id, swap_linears
+from .replace import swap_linears
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,7 +113,7 @@ class LowBitHfQuantizer(HfQuantizer):
         packed_storage = cfg.mode == "infer" and self.pre_quantized
         storage = "infer" if packed_storage else "train"
         names = swap_linears(model, cfg, self.modules_to_not_convert, storage)
-        experts = swap_experts(model, cfg, self.modules_to_not_convert, storage, layer_id=stable_layer_id)
+        experts = swap_experts(model, cfg, self.modules_to_not_convert, storage)
         if cfg.mode == "infer" and not self.pre_quantized:
             # float placeholders receive the checkpoint tensors, which the quantize op packs as they arrive
             for name in names:

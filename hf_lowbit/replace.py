@@ -51,20 +51,32 @@ def swap_linears(model: nn.Module, config: LowBitConfig, skip: list[str], mode: 
     for name in names:
         old = model.get_submodule(name)
         new = LowBitLinear.from_linear(old, recipe, mode="train", backend=config.backend, seed=config.seed)
-        new.layer_id = stable_layer_id(name)
-        if copy_weights and old.weight.device.type != "meta":
-            with torch.no_grad():
-                new.weight.copy_(old.weight)
-                if old.bias is not None:
-                    new.bias.copy_(old.bias)
-            new.weight.requires_grad_(old.weight.requires_grad)
-            if mode == "infer":
-                new.to_infer()
-        elif mode == "infer":
-            new.mode = "infer"
-            new._make_packed_params()
-        model.set_submodule(name, new)
+        install_module(model, name, old, new, ("weight", "bias"), mode, copy_weights)
     return names
+
+
+def install_module(model: nn.Module, name: str, old: nn.Module, new: nn.Module, params: tuple[str, ...], mode: str,
+                   copy_weights: bool) -> None:
+    """Put `new` (a LowBit module built in train storage) in place of `old`.
+
+    With `copy_weights` (and real, non-meta weights) the float `params` are copied and, for ``mode="infer"``,
+    packed; otherwise an infer-mode module gets empty packed parameters for a pre-quantized checkpoint to fill.
+    """
+    new.layer_id = stable_layer_id(name)
+    first = getattr(old, params[0])
+    if copy_weights and first.device.type != "meta":
+        with torch.no_grad():
+            for p in params:
+                src, dst = getattr(old, p, None), getattr(new, p, None)
+                if src is not None and dst is not None:
+                    dst.copy_(src)
+                    dst.requires_grad_(src.requires_grad)
+        if mode == "infer":
+            new.to_infer()
+    elif mode == "infer":
+        new.mode = "infer"
+        new._make_packed_params()
+    model.set_submodule(name, new)
 
 
 def convert(model: nn.Module, config: LowBitConfig | None = None) -> nn.Module:
@@ -83,7 +95,7 @@ def convert(model: nn.Module, config: LowBitConfig | None = None) -> nn.Module:
     quantizer = LowBitHfQuantizer(config, pre_quantized=False)
     skip = quantizer.modules_to_skip(model)
     swap_linears(model, config, skip, config.mode, copy_weights=True)
-    swap_experts(model, config, skip, config.mode, copy_weights=True, layer_id=stable_layer_id)
+    swap_experts(model, config, skip, config.mode, copy_weights=True)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = config.quant_method

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 from hf_lowbit.config import LowBitConfig, module_matches
 from hf_lowbit.model_patches.experts import MATRICES, LowBitExperts, Routing
+from hf_lowbit.replace import install_module
 
 #: model_type → attribute path of the routed experts inside a decoder layer.
 MOE_EXPERTS = {
@@ -46,8 +48,8 @@ def experts_to_convert(model: nn.Module, skip: list[str]) -> list[str]:
     return names
 
 
-def swap_experts(model: nn.Module, config: LowBitConfig, skip: list[str], mode: str, copy_weights: bool = False,
-                 layer_id=hash) -> list[str]:
+def swap_experts(model: nn.Module, config: LowBitConfig, skip: list[str], mode: str,
+                 copy_weights: bool = False) -> list[str]:
     """Replace the routed experts by `LowBitExperts` in place; returns the converted names.
 
     `mode` is the storage they start in; with `copy_weights` the stock float weights are copied (and packed for
@@ -57,16 +59,5 @@ def swap_experts(model: nn.Module, config: LowBitConfig, skip: list[str], mode: 
     for name in names:
         old = model.get_submodule(name)
         new = LowBitExperts.from_experts(old, config.recipe(), "train", config.backend, config.seed)
-        new.layer_id = layer_id(name)
-        if copy_weights and old.gate_up_proj.device.type != "meta":
-            with torch.no_grad():
-                for m in MATRICES:
-                    getattr(new, m).copy_(getattr(old, m))
-                    getattr(new, m).requires_grad_(getattr(old, m).requires_grad)
-            if mode == "infer":
-                new.to_infer()
-        elif mode == "infer":
-            new.mode = "infer"
-            new._make_packed_params()
-        model.set_submodule(name, new)
+        install_module(model, name, old, new, MATRICES, mode, copy_weights)
     return names

@@ -57,3 +57,14 @@ def tiny_model_dir(tmp_path_factory):
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (2, 24), generator=g)
+
+
+def load_checked(path, cfg=None, **kw):
+    """from_pretrained that fails on any missing / unexpected / mismatched key (transformers only warns)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"quantization_config": cfg, **kw} if cfg is not None else kw
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[key], f"{key}: {info[key]}"
+    return model

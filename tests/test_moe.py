@@ -6,6 +6,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import hf_lowbit
+from conftest import load_checked
 from hf_lowbit import LowBitConfig, LowBitLinear
 from hf_lowbit.averis import averis_linear
 from hf_lowbit.model_patches import LowBitExperts
@@ -14,11 +15,7 @@ FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
 def _load(path, cfg=None, **kw):
-    kw = {"quantization_config": cfg, **kw} if cfg is not None else kw
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        assert not info[key], f"{key}: {info[key]}"
-    return model.eval()
+    return load_checked(path, cfg, **kw).eval()
 
 
 def _routing(t=40, e=4, k=2, seed=0):

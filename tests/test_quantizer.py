@@ -10,17 +10,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import hf_lowbit
+from conftest import load_checked
 from hf_lowbit import LowBitConfig, LowBitLinear
 
 ALL_KINDS = ["qwen3", "llama", "qwen3_moe", "qwen2_moe"]
 
 
 def _load(path, cfg=None, **kw):
-    kw = {"quantization_config": cfg, **kw} if cfg is not None else kw
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        assert not info[key], f"{key}: {info[key]}"
-    return model
+    return load_checked(path, cfg, **kw)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
