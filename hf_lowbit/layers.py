@@ -75,6 +75,11 @@ class LowBitLinear(nn.Linear):
                    backend=backend, seed=seed)
 
     # -- packed storage ------------------------------------------------------------------------------------------
+    @staticmethod
+    def packed_names(tensor_name: str = "weight") -> tuple[str, ...]:
+        """Parameter names holding the packed form of `tensor_name` (codes, block scales, tensor scale)."""
+        return (tensor_name, f"{tensor_name}_scale", f"{tensor_name}_tensor_scale")
+
     def _make_packed_params(self, device=None) -> None:
         codes_shape, scale_shape = packed_shapes(self.out_features, self.in_features, self.recipe.format)
         device = device if device is not None else self.weight.device

@@ -49,14 +49,12 @@ class LowBitQuantizeOp(ConversionOps):
                     module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
                     module.mode = "train"
                     module.to_infer()
-                    names = ("weight", "weight_scale", "weight_tensor_scale")
                 elif isinstance(module, LowBitExperts) and tensor_name in MATRICES:
                     module.load_packed(tensor_name, module.quantize_weight(tensor))
-                    names = (tensor_name, f"{tensor_name}_scale", f"{tensor_name}_tensor_scale")
                 else:
                     raise ValueError(f"hf_lowbit: unexpected tensor {key!r} in quantize-on-load")
             prefix = key.rsplit(".", 1)[0]
-            for name in names:
+            for name in module.packed_names(tensor_name):
                 param = getattr(module, name, None)
                 if param is not None:  # tells transformers not to run its random init over the packed data
                     param._is_hf_initialized = True
@@ -143,14 +141,12 @@ class LowBitHfQuantizer(HfQuantizer):
         return LowBitQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        for module in model.modules():
+        for module in model.modules():  # transformers makes every loaded float tensor trainable: freeze packed ones
             if isinstance(module, (LowBitLinear, LowBitExperts)) and module.mode == "infer":
-                for p in module.parameters(recurse=False):
-                    if not p.is_floating_point() or p.dim() <= 1:  # packed codes, scales, tensor scales
-                        p.requires_grad_(False)
-                if isinstance(module, LowBitExperts):
-                    for m in MATRICES:
-                        getattr(module, m).requires_grad_(False)
+                tensors = ("weight",) if isinstance(module, LowBitLinear) else MATRICES
+                for name in (n for t in tensors for n in module.packed_names(t)):
+                    if getattr(module, name, None) is not None:
+                        getattr(module, name).requires_grad_(False)
         return model
 
     # -- capabilities ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from hf_lowbit.averis import mix_seed
 from hf_lowbit.backend import resolve_backend
 from hf_lowbit.config import Recipe
-from hf_lowbit.layers import to_row_blocks
+from hf_lowbit.layers import LowBitLinear, to_row_blocks
 from hf_lowbit.numerics import PackedTensor, dequantize, get_format, quantize
 
 MATRICES = ("gate_up_proj", "down_proj")
@@ -105,6 +105,8 @@ class LowBitExperts(nn.Module):
                    device=w.device, dtype=w.dtype)
 
     # -- storage -------------------------------------------------------------------------------------------------
+    packed_names = staticmethod(LowBitLinear.packed_names)
+
     def _in_features(self, name: str) -> int:
         return self.hidden_dim if name == "gate_up_proj" else self.intermediate_dim
 
