@@ -91,7 +91,9 @@ def held_out_loss(model, data: TokenBlocks, batch_size: int = 16) -> float:
     return sum(losses) / len(data)
 
 
-def _train(model, train: TokenBlocks, out: Path, steps: int, batch_size: int, lr: float, bf16: bool) -> None:
+def _train(model, train: TokenBlocks, out: Path, steps: int, batch_size: int, lr: float, bf16: bool):
+    """Train with `transformers.Trainer`; returns the model with Accelerate's autocast wrapper removed."""
+    from accelerate.utils import extract_model_from_parallel
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -100,6 +102,9 @@ def _train(model, train: TokenBlocks, out: Path, steps: int, batch_size: int, lr
         save_strategy="no", report_to=[], seed=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, log_level="error", disable_tqdm=False)
     Trainer(model=model, args=args, train_dataset=train).train()
+    # With bf16=True Accelerate wraps model.forward in autocast, and the wrapper stays on the object: unwrap so
+    # that evaluation and the reload check compare the same (full-precision) computation.
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -147,14 +152,14 @@ def run_demo(output_dir: str = "hf_lowbit_demo", steps: int = 200, batch_size: i
     precision = "BF16" if bf16 else "FP32"
     print(f"[2/4] training in {precision} ({steps} steps)")
     model = AutoModelForCausalLM.from_pretrained(base_dir).to(device)
-    _train(model, train, out / "runs" / "baseline", steps, batch_size, lr, bf16)
+    model = _train(model, train, out / "runs" / "baseline", steps, batch_size, lr, bf16)
     baseline_loss = held_out_loss(model, held_out)
     del model
 
     print(f"[3/4] training with LowBitConfig(format={fmt!r}) — W4A4G4 + Averis ({steps} steps)")
     cfg = hf_lowbit.LowBitConfig(format=fmt)
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg).to(device)
-    _train(model, train, out / "runs" / fmt, steps, batch_size, lr, bf16)
+    model = _train(model, train, out / "runs" / fmt, steps, batch_size, lr, bf16)
     lowbit_loss = held_out_loss(model, held_out)
 
     print("[4/4] finalize → save → reload with plain from_pretrained → generate")
