@@ -22,6 +22,12 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .kernels.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowbit", description="Mean-centred FP4 training and inference "
                                      "for Hugging Face models.")
@@ -46,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--gradients", action="store_true", help="also analyse output gradients (runs backward)")
     diag.add_argument("--overwrite", action="store_true")
     diag.set_defaults(func=_diagnose)
+
+    bench = sub.add_parser("bench", help="kernel and LowBitLinear benchmarks on a CUDA GPU (table + JSON); "
+                                         "arguments are passed on, see `hf-lowbit bench -- --help`")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     return parser
 
 
