@@ -25,7 +25,8 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .kernels.bench import main as bench_main
 
-    return bench_main(args.bench_args)
+    rest = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return bench_main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
