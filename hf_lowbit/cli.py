@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark owns its flags
-        args = argparse.Namespace(bench_args=argv[1:], command="bench")
-        return _bench(args)
-    args = build_parser().parse_args(argv)
+        args = argparse.Namespace(bench_args=argv[1:], command="bench", func=_bench)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, PermissionError) as err:
+    except (ValueError, FileExistsError, PermissionError, RuntimeError) as err:
         print(f"hf-lowbit {args.command}: error: {err}", file=sys.stderr)
         return 2
 
