@@ -1,0 +1,41 @@
+"""Smoke test of scripts/reproduce_meanbias.py in its --tiny CPU mode (a few steps, two recipes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_meanbias.py"
+
+
+def test_tiny_reproduction_writes_table_curves_and_diagnostics(tmp_path):
+    out = tmp_path / "repro"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--configs", "bf16,nvfp4-averis",
+           "--steps", "6", "--eval-every", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in res["table"]}
+    assert set(rows) == {"bf16", "nvfp4-averis"}
+    assert rows["bf16"]["gap_to_bf16_pct"] == 0.0
+    for r in res["runs"].values():
+        assert [s for s, _ in r["curve"]] == [3, 6] and r["curve"][-1][1] < r["curve"][0][1] + 0.5
+    late = res["runs"]["bf16"]["diagnostics"]["late"]
+    assert 0.0 <= late["r2"] <= 1.0 and (out / "diag_late" / "mean_bias.json").exists()
+    assert "| nvfp4-averis |" in proc.stdout
+
+
+@pytest.mark.parametrize("extra,message", [(["--configs", "fp8"], "--configs='fp8' is not valid"),
+                                           (["--hidden", "30"], "--hidden=30 is not valid")])
+def test_bad_arguments_fail_before_any_work(extra, message, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_meanbias", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as err:
+        script.main(["--tiny", "--out", str(tmp_path / "x"), *extra])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
