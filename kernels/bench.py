@@ -34,8 +34,63 @@ def _bench(fn, warmup=25, rep=200) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
+    """Tile / launch-config sweeps of the v2 kernels (env overrides), to pick the defaults from measurements."""
+    import torch
+
+    from hf_lowbit.kernels.gemv import w4a16_linear
+    from hf_lowbit.kernels.quantize import _stats, averis_quantize
+    from hf_lowbit.numerics import quantize
+
+    dev = torch.device("cuda")
+    M, K = m, 4096
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
+    for scfg in ("32,128,4", "64,128,8", "16,256,4", "32,256,8"):
+        os.environ["HF_LOWBIT_SCFG"] = scfg
+        ms = _bench(lambda: _stats(x, True))
+        add("sweep", f"stats pass (sum/max/min) cfg={scfg}", ms, tbs=M * K * 2 / ms / 1e9)
+    os.environ.pop("HF_LOWBIT_SCFG")
+    packed = M * K // 2 + M * K // 16
+    modes = [("row", dict(row=True, col=False), M * K * 2 + packed),
+             ("col", dict(row=False, col=True), M * K * 2 + packed),
+             ("both-dq", dict(row=True, col=True, row_packed=False, row_dq=True, col_packed=False, col_dq=True,
+                              col_sum=True), M * K * 6)]
+    cfgs = {"row": ("32,128,4", "64,128,8", "16,256,4", "32,256,8", "64,64,4", "128,128,8"),
+            "col": ("64,64,4", "32,128,4", "64,128,8", "128,64,8", "32,256,8", "128,128,8"),
+            "both-dq": ("64,64,4", "32,128,4", "64,128,8", "128,64,8")}
+    for label, kw, nbytes in modes:
+        for cfg in cfgs[label]:
+            os.environ["HF_LOWBIT_QCFG"] = cfg
+            for div in (("fast", "ieee") if cfg == cfgs[label][0] else ("fast",)):
+                os.environ["HF_LOWBIT_QDIV"] = div
+                ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="rtn", **kw))
+                add("sweep", f"quantize nvfp4 rtn {label} cfg={cfg} div={div}", ms, tbs=nbytes / ms / 1e9)
+        os.environ["HF_LOWBIT_QDIV"] = "fast"
+        os.environ["HF_LOWBIT_QCFG"] = cfgs[label][0]
+        ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="sr", seed=1, **kw))
+        add("sweep", f"quantize nvfp4 sr {label} cfg={cfgs[label][0]}", ms, tbs=nbytes / ms / 1e9)
+    os.environ.pop("HF_LOWBIT_QCFG")
+    os.environ.pop("HF_LOWBIT_QDIV")
+    del x
+    for (N, K) in [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        p = quantize(w.float(), "nvfp4", 1)
+        xx = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        for g in ("16,512,4,0", "8,512,4,0", "32,512,4,0", "16,1024,4,0", "16,256,4,0", "32,1024,8,0",
+                  "16,512,2,0", "64,512,8,0", "16,512,4,1", "16,512,4,2"):
+            os.environ["HF_LOWBIT_GCFG"] = g
+            ms = _bench(lambda: w4a16_linear(xx, p))
+            add("sweep", f"W4A16 nvfp4 N={N} K={K} b=1 cfg={g}", ms, tbs=(p.codes.numel() + p.scales.numel()) / ms / 1e9)
+        os.environ.pop("HF_LOWBIT_GCFG")
+        os.environ["HF_LOWBIT_W4A16_ROUND_W"] = "1"
+        ms = _bench(lambda: w4a16_linear(xx, p))
+        add("sweep", f"W4A16 nvfp4 N={N} K={K} b=1 default cfg, ROUND_W=1", ms)
+        os.environ.pop("HF_LOWBIT_W4A16_ROUND_W")
+        del w
+
+
 def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes=None, formats=("nvfp4", "mxfp4"),
-              reference: bool = True, print_table: bool = True) -> dict:
+              reference: bool = True, print_table: bool = True, sweep: bool = False, skip_gemm: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -79,6 +134,8 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
     add("ceiling", "BF16 GEMM 8192^3 (cuBLAS)", ms, tflops=bf16_tflops)
     del ga, gb
     res["ceilings"] = {"copy_tbs": copy_tbs, "bf16_tflops": bf16_tflops}
+    if sweep:
+        run_sweep(add, m, copy_tbs)
 
     # ---- P1: fused quantizer -----------------------------------------------------------------------------------
     M, K = m, 4096
@@ -127,7 +184,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
         del w
 
     # ---- GEMM alone: fused Triton epilogue vs cuBLAS (+ epilogue pass) ------------------------------------------
-    for (K, N) in shapes[:1] if quick else shapes:
+    for (K, N) in [] if skip_gemm else shapes[:1] if quick else shapes:
         A = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
         Bm = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
         s1 = torch.ones((), device=dev)
@@ -189,14 +246,231 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
     return res
 
 
+def _bench_graph(fn, warmup=25, rep=200) -> float:
+    """Median milliseconds of one CUDA-graph replay of `fn` (device time without host launch overhead)."""
+    import torch
+    import triton
+
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = float(triton.testing.do_bench(g.replay, warmup=warmup, rep=rep, return_mode="median"))
+    del g
+    return ms
+
+
+def run_final(out: str | None = None, m: int = 8192) -> dict:
+    """Short v2 run: every headline number eager (host launches, as v1) and as a CUDA-graph replay (device time)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_lowbit.config import Recipe
+    from hf_lowbit.kernels.gemv import w4a16_linear
+    from hf_lowbit.kernels.quantize import _stats, averis_quantize
+    from hf_lowbit.layers import LowBitLinear
+    from hf_lowbit.numerics import quantize
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows: list[dict] = []
+    res = {"device": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
+           "versions": _versions(), "m": m, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "final-v2",
+           "rows": rows}
+
+    def add(group, name, ms, **kw):
+        r = {"group": group, "name": name, "ms": ms, **kw}
+        rows.append(r)
+        extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+        print(f"{group:8s} {name:62s} {ms * 1e3:9.1f} us  {extra}", flush=True)
+
+    def both(group, name, fn, nbytes=None, **kw):
+        out = {}
+        for mode, b in (("eager", _bench), ("graph", _bench_graph)):
+            try:
+                ms = b(fn)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"{group} {name} [{mode}] failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            extra = dict(kw)
+            if nbytes:
+                extra["tbs"] = nbytes / ms / 1e9
+            add(group, f"{name} [{mode}]", ms, **extra)
+            out[mode] = ms
+        return out
+
+    a = torch.empty(256 * 1024 * 1024, device=dev, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = _bench(lambda: b.copy_(a))
+    add("ceiling", "device copy 512MB (read+write)", ms, tbs=2 * a.numel() * 2 / ms / 1e9)
+    del a, b
+
+    M, K = m, 4096
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
+    packed = M * K // 2 + M * K // 16
+    for scfg in ("32,128,4", "16,256,4"):
+        os.environ["HF_LOWBIT_SCFG"] = scfg
+        ms = _bench_graph(lambda: _stats(x, True))
+        add("P1", f"stats pass alone cfg={scfg} [graph]", ms, tbs=M * K * 2 / ms / 1e9)
+    os.environ.pop("HF_LOWBIT_SCFG")
+    modes = [("row", dict(row=True, col=False), M * K * 2 + packed, ("32,128,4", "32,256,8", "16,256,4", "64,64,4")),
+             ("col", dict(row=False, col=True), M * K * 2 + packed, ("64,64,4", "32,128,4", "32,64,4", "64,128,8")),
+             ("both-dq", dict(row=True, col=True, row_packed=False, row_dq=True, col_packed=False, col_dq=True,
+                              col_sum=True), M * K * 6, ("64,64,4", "32,128,4"))]
+    for label, kw, nbytes, cfgs in modes:
+        both("P1", f"averis quantize nvfp4 rtn {label} default cfg",
+             lambda: averis_quantize(x, "nvfp4", center=True, **kw), nbytes)
+        for cfg in cfgs:
+            os.environ["HF_LOWBIT_QCFG"] = cfg
+            for div in (("fast", "ieee") if cfg == cfgs[0] else ("fast",)):
+                os.environ["HF_LOWBIT_QDIV"] = div
+                ms = _bench_graph(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
+                add("P1", f"  {label} cfg={cfg} div={div} [graph]", ms, tbs=nbytes / ms / 1e9)
+        os.environ.pop("HF_LOWBIT_QCFG")
+        os.environ.pop("HF_LOWBIT_QDIV")
+        both("P1", f"averis quantize nvfp4 sr {label} default cfg",
+             lambda: averis_quantize(x, "nvfp4", center=True, rounding="sr", seed=1, **kw), nbytes)
+    both("P1", "averis quantize mxfp4 rtn row default cfg",
+         lambda: averis_quantize(x, "mxfp4", center=True), M * K * 2 + M * K // 2 + M * K // 32)
+    del x
+
+    for (N, K) in [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        p = quantize(w.float(), "nvfp4", 1)
+        xx = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        bf = both("P5", f"BF16 F.linear N={N} K={K} batch=1", lambda: F.linear(xx, w), N * K * 2)
+        wb = p.codes.numel() + p.scales.numel()
+        q = both("P5", f"W4A16 nvfp4 N={N} K={K} batch=1 default cfg", lambda: w4a16_linear(xx, p), wb)
+        for k in q:
+            if k in bf:
+                rows[-(2 if k == "eager" else 1)][f"speedup_vs_bf16_{k}"] = bf[k] / q[k]
+        print(f"P5 N={N} K={K}: speedup vs BF16 " + ", ".join(f"{k} {bf[k] / q[k]:.2f}x" for k in q if k in bf))
+        for g in ("16,256,4,0", "8,256,4,0", "16,128,4,0", "16,256,4,2", "32,256,8,0"):
+            os.environ["HF_LOWBIT_GCFG"] = g
+            ms = _bench_graph(lambda: w4a16_linear(xx, p))
+            add("P5", f"  W4A16 N={N} K={K} cfg={g} [graph]", ms, tbs=wb / ms / 1e9)
+        os.environ.pop("HF_LOWBIT_GCFG")
+        del w
+
+    K = N = 4096
+    xg = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
+    dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
+
+    def step(layer):
+        xg.grad = None
+        layer.weight.grad = None
+        layer(xg).backward(dy)
+
+    bfs = both("P2", f"BF16 nn.Linear fwd+bwd M={m} K={K} N={N}", lambda: step(lin))
+    layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format="nvfp4"),
+                         backend="triton")
+    layer.weight.data.copy_(lin.weight.data)
+    lq = both("P2", f"LowBitLinear nvfp4 triton fwd+bwd K={K} N={N}", lambda: step(layer))
+    print("P2 ratio vs BF16: " + ", ".join(f"{k} {lq[k] / bfs[k]:.2f}x" for k in lq if k in bfs))
+    res["p2_ratio"] = {k: lq[k] / bfs[k] for k in lq if k in bfs}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def run_short(out: str | None = None, m: int = 8192) -> dict:
+    """Defaults check after the v2 sweep: stats configs, the quantizer and decode defaults, P2 at 4096² (graph+eager)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_lowbit.config import Recipe
+    from hf_lowbit.kernels.gemv import w4a16_linear
+    from hf_lowbit.kernels.quantize import _stats, averis_quantize
+    from hf_lowbit.layers import LowBitLinear
+    from hf_lowbit.numerics import quantize
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows: list[dict] = []
+    res = {"device": torch.cuda.get_device_name(dev), "versions": _versions(), "m": m, "mode": "short-v2-defaults",
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+
+    def add(group, name, ms, **kw):
+        rows.append({"group": group, "name": name, "ms": ms, **kw})
+        extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+        print(f"{group:8s} {name:62s} {ms * 1e3:9.1f} us  {extra}", flush=True)
+
+    M, K = m, 4096
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
+    for scfg in ("32,128,4", "64,128,4", "128,128,8"):
+        os.environ["HF_LOWBIT_SCFG"] = scfg
+        ms = _bench_graph(lambda: _stats(x, True))
+        add("P1", f"stats pass alone cfg={scfg} [graph]", ms, tbs=M * K * 2 / ms / 1e9)
+    os.environ.pop("HF_LOWBIT_SCFG")
+    packed = M * K // 2 + M * K // 16
+    for label, kw, nbytes in [("row", dict(row=True, col=False), M * K * 2 + packed),
+                              ("col", dict(row=False, col=True), M * K * 2 + packed),
+                              ("both-dq", dict(row=True, col=True, row_packed=False, row_dq=True, col_packed=False,
+                                               col_dq=True, col_sum=True), M * K * 6)]:
+        ms = _bench_graph(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
+        add("P1", f"averis quantize nvfp4 rtn {label} defaults [graph]", ms, tbs=nbytes / ms / 1e9)
+    del x
+    for (N, K) in [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        p = quantize(w.float(), "nvfp4", 1)
+        xx = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        mb = _bench_graph(lambda: F.linear(xx, w))
+        mq = _bench_graph(lambda: w4a16_linear(xx, p))
+        add("P5", f"W4A16 nvfp4 N={N} K={K} batch=1 defaults [graph]", mq, bf16_us=mb * 1e3, speedup=mb / mq)
+        del w
+    K = N = 4096
+    xg = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
+    dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
+
+    def step(layer):
+        xg.grad = None
+        layer.weight.grad = None
+        layer(xg).backward(dy)
+
+    layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format="nvfp4"),
+                         backend="triton")
+    layer.weight.data.copy_(lin.weight.data)
+    for mode, b in (("eager", _bench), ("graph", _bench_graph)):
+        mb = b(lambda: step(lin))
+        mq = b(lambda: step(layer))
+        add("P2", f"LowBitLinear nvfp4 fwd+bwd K=N=4096 defaults [{mode}]", mq, bf16_us=mb * 1e3, ratio_bf16=mq / mb)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write the JSON here")
     ap.add_argument("--quick", action="store_true", help="one layer shape only")
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) torch reference timings")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the kernels' tile configs (env overrides)")
+    ap.add_argument("--skip-gemm", action="store_true", help="skip the GEMM-alone comparison")
+    ap.add_argument("--formats", default="nvfp4,mxfp4")
+    ap.add_argument("--final", action="store_true", help="the short v2 run: eager and CUDA-graph timings")
+    ap.add_argument("--short", action="store_true", help="defaults check: stats cfgs, quantizer/decode defaults, P2")
     a = ap.parse_args(argv)
-    run_bench(a.out, quick=a.quick, m=a.m, reference=not a.no_reference)
+    if a.short:
+        run_short(a.out, m=a.m)
+        return 0
+    if a.final:
+        run_final(a.out, m=a.m)
+        return 0
+    run_bench(a.out, quick=a.quick, m=a.m, reference=not a.no_reference, sweep=a.sweep, skip_gemm=a.skip_gemm,
+              formats=tuple(a.formats.split(",")))
     return 0
 
 

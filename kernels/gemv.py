@@ -74,6 +74,78 @@ def _w4a16_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
 
 
 @triton.jit
+def _e2m1_x2m14(c):
+    """Low nibble of int32 `c` (an E2M1 code) → its value × 2^-14 as FP32, via the FP16 bit pattern
+    sign | 0 e1 e0 | m (an FP16 subnormal for |code| ≤ 1; the FP16→FP32 conversion is exact)."""
+    bits = ((c & 8) << 12) | ((c & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP,
+                      NK_PER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TB: tl.constexpr,
+                      B: tl.constexpr, IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      ROUND_W: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Decode for ≤ 4 tokens: codes dequantized in registers, FP32 FMAs, one block-scale multiply per 16/32
+    products: y = s_t · Σ_blocks s_b · Σ_j code_j x_j (ROUND_W: the reference's BF16-rounded weights instead)."""
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    HB: tl.constexpr = B // 2
+    NB: tl.constexpr = BK // B
+    n = pn * BN + tl.arange(0, BN)
+    nm = n < N
+    nb = tl.arange(0, NB)
+    jj = tl.arange(0, HB)
+    pp = tl.arange(0, 2)
+    tb = tl.arange(0, TB)
+    tm = tb < Bsz
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    acc = tl.zeros([TB, BN, NB], dtype=tl.float32)
+    for it in range(NK_PER):
+        k0 = (ps * NK_PER + it) * BK
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        cb = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + kb[None, :],
+                     mask=nm[:, None] & (kb < KP // 2)[None, :], other=0)
+        cb = tl.reshape(cb, [BN, NB, HB]).to(tl.int32)
+        blk = k0 // B + nb
+        sb = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // B) + blk[None, :],
+                     mask=nm[:, None] & (blk < KP // B)[None, :], other=0).to(tl.int32)
+        if IS_NV:
+            sf = e4m3_decode(sb) * 16384.0
+        else:
+            sf = e8m0_scale(sb) * 16384.0
+        ke = k0 + tl.arange(0, BK)
+        xx = tl.load(x_ptr + tb[:, None] * sxb + ke[None, :] * sxk, mask=tm[:, None] & (ke < K)[None, :],
+                     other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xx, [TB, NB, HB, 2]))
+        wl = _e2m1_x2m14(cb)
+        wh = _e2m1_x2m14(cb >> 4)
+        if ROUND_W:
+            f = sf[:, :, None]
+            if IS_NV:
+                f = f * ts
+            wl = bf16_rne(wl * f)
+            wh = bf16_rne(wh * f)
+            acc += tl.sum(wl[None, :, :, :] * xe[:, None, :, :] + wh[None, :, :, :] * xo[:, None, :, :], axis=3)
+        else:
+            part = tl.sum(wl[None, :, :, :] * xe[:, None, :, :] + wh[None, :, :, :] * xo[:, None, :, :], axis=3)
+            acc += part * sf[None, :, :]
+    res = tl.sum(acc, axis=2)
+    if IS_NV and not ROUND_W:
+        res = res * ts
+    if SPLIT == 1:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        if ROUND_BF16:
+            res = bf16_rne(res)
+        tl.store(out_ptr + tb[:, None] * N + n[None, :], res.to(out_ptr.dtype.element_ty),
+                 mask=tm[:, None] & nm[None, :])
+    else:
+        tl.store(part_ptr + ps * (TB * N) + tb[:, None] * N + n[None, :], res, mask=tm[:, None] & nm[None, :])
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, N, Bsz, SPLIT: tl.constexpr, BB: tl.constexpr,
                           BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                           ROUND_BF16: tl.constexpr):
@@ -107,8 +179,30 @@ def _config(N: int, NK: int, bsz: int) -> tuple[int, int, int]:
     return bn, 256, split
 
 
+def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
+    """(BN, BK, num_warps, SPLIT) of the ≤ 4-token kernel; HF_LOWBIT_GCFG="BN,BK,W,SPLIT" overrides (SPLIT 0 = auto)."""
+    if _interp():
+        return 16, 64, 4, (2 if KP >= 128 else 1)
+    bn, bk, w, split = 16, 256, 4, 0  # v2 sweep on H100 (NOTES.md): 16×256, 4 warps, auto split
+    env = os.environ.get("HF_LOWBIT_GCFG")
+    if env:
+        bn, bk, w, split = (int(v) for v in env.split(","))
+    bk = max(B, min(bk, triton.next_power_of_2(KP)))
+    nk = triton.cdiv(KP, bk)
+    if split <= 0:
+        n_tiles = triton.cdiv(N, bn)
+        split = 1
+        while n_tiles * split < 4 * 132 and split * 2 <= nk:
+            split *= 2
+    return bn, bk, w, min(split, nk)
+
+
 def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (≤ MAX_TOKENS tokens) times the packed weight [N, K] (1-D blocks along K) → [..., N]."""
+    """x [..., K] (≤ MAX_TOKENS tokens) times the packed weight [N, K] (1-D blocks along K) → [..., N].
+
+    1-4 tokens: register dequant + FP32 FMA kernel (weights not rounded to BF16 unless HF_LOWBIT_W4A16_ROUND_W=1:
+    more accurate than the reference's BF16 weights, within 2^-9 relative per weight); more tokens: tensor cores.
+    """
     if w.block_2d or w.axis != 1 or len(w.shape) != 2:
         raise ValueError("w4a16_linear needs a 1-D-blocked [out, in] packed weight (axis 1)")
     N, K = w.shape
@@ -120,25 +214,39 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     if bsz > MAX_TOKENS or bsz == 0:
         raise ValueError(f"w4a16_linear handles 1..{MAX_TOKENS} tokens, got {bsz}")
     KP = w.codes.shape[1] * 2
-    BB = max(16, triton.next_power_of_2(bsz))
     is_nv = fmt.has_tensor_scale
     dev = x.device
     ts = w.tensor_scale.float().reshape(1) if is_nv else torch.empty(1, device=dev, dtype=torch.float32)
     out = torch.empty((bsz, N), device=dev, dtype=x.dtype)
     bias_t = bias if bias is not None else out
-    bk_default = _config(N, triton.cdiv(KP, 64), bsz)
-    BN, BK, _ = bk_default
-    BK = max(B, min(BK, triton.next_power_of_2(KP)))
-    NK = triton.cdiv(KP, BK)
-    _, _, split = _config(N, NK, bsz)
-    nk_per = triton.cdiv(NK, split)
-    split = triton.cdiv(NK, nk_per)
-    part = torch.empty((split, BB, N), device=dev, dtype=torch.float32) if split > 1 else out
-    _w4a16_kernel[(triton.cdiv(N, BN), split)](
-        x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
-        NK_PER=nk_per, BN=BN, BK=BK, BB=BB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
-        DOT_F32=x.dtype == torch.float32 or _interp(),
-        ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+    if bsz <= 4:
+        TB = triton.next_power_of_2(bsz)
+        BN, BK, nw, split = _fma_config(N, KP, B)
+        NK = triton.cdiv(KP, BK)
+        nk_per = triton.cdiv(NK, split)
+        split = triton.cdiv(NK, nk_per)
+        part = torch.empty((split, TB, N), device=dev, dtype=torch.float32) if split > 1 else out
+        round_w = x.dtype != torch.float32 and os.environ.get("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
+        _w4a16_fma_kernel[(triton.cdiv(N, BN), split)](
+            x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
+            NK_PER=nk_per, BN=BN, BK=BK, TB=TB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
+            ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=nw)
+        BB = TB
+    else:
+        BB = max(16, triton.next_power_of_2(bsz))
+        bk_default = _config(N, triton.cdiv(KP, 64), bsz)
+        BN, BK, _ = bk_default
+        BK = max(B, min(BK, triton.next_power_of_2(KP)))
+        NK = triton.cdiv(KP, BK)
+        _, _, split = _config(N, NK, bsz)
+        nk_per = triton.cdiv(NK, split)
+        split = triton.cdiv(NK, nk_per)
+        part = torch.empty((split, BB, N), device=dev, dtype=torch.float32) if split > 1 else out
+        _w4a16_kernel[(triton.cdiv(N, BN), split)](
+            x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
+            NK_PER=nk_per, BN=BN, BK=BK, BB=BB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
+            DOT_F32=x.dtype == torch.float32 or _interp(),
+            ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
     if split > 1:
         BNR = 128
         _splitk_reduce_kernel[(triton.cdiv(N, BNR),)](part, bias_t, out, N, bsz, SPLIT=split, BB=BB, BN=BNR,

@@ -27,11 +27,11 @@ import triton.language as tl  # noqa: E402
 
 from hf_lowbit.averis import averis_linear, packed_linear  # noqa: E402
 from hf_lowbit.config import Recipe  # noqa: E402
-from hf_lowbit.kernels._common import e4m3_rne  # noqa: E402
+from hf_lowbit.kernels._common import e4m3_rne, round_e2m1  # noqa: E402
 from hf_lowbit.kernels.gemv import w4a16_linear  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend, triton_linear_train  # noqa: E402
-from hf_lowbit.kernels.quantize import averis_quantize  # noqa: E402
-from hf_lowbit.numerics import dequantize, fake_quantize, quantize  # noqa: E402
+from hf_lowbit.kernels.quantize import _nv_codes, averis_quantize, near_e2m1_boundary, nv_inv_den  # noqa: E402
+from hf_lowbit.numerics import dequantize, fake_quantize, quantize, round_to_e2m1  # noqa: E402
 
 SHAPES = [(64, 64), (37, 50), (16, 100)] + ([(1000, 1536)] if DEV == "cuda" else [])
 
@@ -74,10 +74,71 @@ def test_e4m3_rounding_matches_torch_cast_including_ties():
     assert torch.equal(v.cpu(), ref.float().cpu())
 
 
+@triton.jit
+def _div_probe(r_ptr, d_ptr, fast_ptr, near_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    r = tl.load(r_ptr + offs, mask=m, other=0.0)
+    den = tl.load(d_ptr + offs, mask=m, other=1.0)
+    y, bad = nv_inv_den(den)
+    q = r * y
+    tl.store(fast_ptr + offs, round_e2m1(q, False, 0.0).to(tl.uint8), mask=m)
+    tl.store(near_ptr + offs, (near_e2m1_boundary(q) | bad).to(tl.uint8), mask=m)
+    tl.store(out_ptr + offs, _nv_codes(r, den, y, bad, False, 0.0, True).to(tl.uint8), mask=m)
+
+
+def test_division_free_rtn_is_exact_at_boundaries():
+    """r·RN(1/d) decides like fl(r/d) wherever it is not flagged near a boundary; flagged tiles use div_rn."""
+    g = _gen(21)
+    n = 4096
+    # divisors as the quantizer forms them: E4M3 block scale × FP32 tensor scale
+    sb = (torch.rand(n, generator=g) * 448).to(torch.float8_e4m3fn).float().clamp(min=2.0 ** -9)
+    ts = torch.rand(n, generator=g) * 10.0 ** torch.randint(-8, 4, (n,), generator=g).float()
+    den = sb * ts
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    t = mids[torch.randint(0, 7, (n,), generator=g)]
+    k = torch.randint(-40, 41, (n,), generator=g).float()
+    r = (t.double() * den.double() * (1 + k.double() * 2.0 ** -24)).float()  # within a few ulps of a boundary
+    r2 = (torch.rand(n, generator=g) * 7) * den                              # anywhere
+    r3 = (t * den)                                                            # on (rounded) boundary products
+    rr = torch.cat([r, -r2, r3, torch.nextafter(r3, torch.full_like(r3, 1e30)), torch.zeros(2)])
+    dd = torch.cat([den, den, den, den, torch.tensor([0.0, 1e-38])])
+    rr[-1] = 3e-38  # a divisor outside the proven range → flagged
+    ref = round_to_e2m1(torch.where(dd == 0, 0.0, rr / torch.where(dd == 0, 1.0, dd)))
+    rr_d, dd_d = rr.to(DEV), dd.to(DEV)
+    fast = torch.empty(rr.shape, dtype=torch.uint8, device=DEV)
+    near = torch.empty_like(fast)
+    out = torch.empty_like(fast)
+    _div_probe[(triton.cdiv(rr.numel(), 1024),)](rr_d, dd_d, fast, near, out, rr.numel(), BLOCK=1024)
+    fast, near, out = fast.cpu(), near.cpu().bool(), out.cpu()
+    assert torch.equal(fast[~near], ref[~near])
+    assert torch.equal(out, ref)
+    assert near.any() and (~near).sum() > n // 2  # the test exercises both paths
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4"])
+@pytest.mark.parametrize("qdiv", ["ieee", "fast"])
+def test_rtn_bit_exact_tie_heavy(fmt, qdiv, monkeypatch):
+    """Inputs on a coarse grid put many quotients exactly on rounding boundaries (the fast path's fallback)."""
+    monkeypatch.setenv("HF_LOWBIT_QDIV", qdiv)
+    g = _gen(33)
+    x = (torch.randint(-48, 49, (64, 96), generator=g).float() / 8).to(DEV)
+    for center in (False, True):
+        q = averis_quantize(x, fmt, center=center, row=True, col=True)
+        r = x.float() - q.mean if center else x.float()
+        for axis, p in ((1, q.row), (0, q.col)):
+            ref = quantize(r, fmt, axis)
+            assert torch.equal(p.codes, ref.codes) and torch.equal(p.scales, ref.scales)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("center", [True, False])
-def test_rtn_bit_exact_both_axes(fmt, shape, center):
+@pytest.mark.parametrize("qdiv", ["ieee", "fast"])
+def test_rtn_bit_exact_both_axes(fmt, shape, center, qdiv, monkeypatch):
+    if qdiv == "fast" and fmt == "mxfp4":
+        pytest.skip("MXFP4 scales are powers of two: no division either way")
+    monkeypatch.setenv("HF_LOWBIT_QDIV", qdiv)
     m, k = shape
     x = _act(m, k, seed=m + k)
     q = averis_quantize(x, fmt, center=center, row=True, col=True, row_dq=True, col_dq=True, col_sum=True)
@@ -159,9 +220,13 @@ def test_sr_unbiased_and_seeded(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_w4a16_decode_matches_reference(fmt, tokens, dtype):
+@pytest.mark.parametrize("round_w", ["0", "1"])
+def test_w4a16_decode_matches_reference(fmt, tokens, dtype, round_w, monkeypatch):
+    monkeypatch.setenv("HF_LOWBIT_W4A16_ROUND_W", round_w)
+    if round_w == "1" and (tokens > 4 or dtype == torch.float32):
+        pytest.skip("ROUND_W only changes the ≤ 4-token BF16 kernel")
     n, k = (48, 200) if DEV == "cpu" else (1000, 1536)
     w = torch.randn(n, k, generator=_gen(2)).to(DEV)
     p = quantize(w, fmt, 1)
