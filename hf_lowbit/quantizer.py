@@ -21,6 +21,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .config import LowBitConfig
+from .hub import install_save_hooks
 from .layers import LowBitLinear
 from .model_patches import MATRICES, LowBitExperts, swap_experts
 from .replace import swap_linears
@@ -141,6 +142,17 @@ class LowBitHfQuantizer(HfQuantizer):
         return LowBitQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        install_save_hooks(model)  # save_pretrained/push_to_hub also write the model card (hf_lowbit.hub)
+        # --- SD-MoE (hf_lowbit.model_patches.sd_moe): split the (FP4) experts into W_c + W_u, or refresh the bases
+        # of a reloaded SD-MoE checkpoint ---
+        cfg = self.quantization_config
+        if cfg.moe == "sd" and cfg.mode == "train":
+            from .model_patches.sd_moe import apply_sd_moe
+
+            skip = getattr(self, "modules_to_not_convert", None) or self.modules_to_skip(model)
+            apply_sd_moe(model, rank=cfg.sd_rank, init=cfg.sd_init, refresh_every=cfg.sd_refresh_every,
+                         seed=cfg.seed, skip=skip)
+        # --- end SD-MoE ---
         for module in model.modules():  # transformers makes every loaded float tensor trainable: freeze packed ones
             if isinstance(module, (LowBitLinear, LowBitExperts)) and module.mode == "infer":
                 tensors = ("weight",) if isinstance(module, LowBitLinear) else MATRICES
