@@ -113,6 +113,12 @@ class LowBitHfQuantizer(HfQuantizer):
         storage = "infer" if packed_storage else "train"
         names = swap_linears(model, cfg, self.modules_to_not_convert, storage)
         experts = swap_experts(model, cfg, self.modules_to_not_convert, storage)
+        # --- SD-MoE (hf_lowbit.model_patches.sd_moe): a saved train-mode SD-MoE checkpoint has W_c/W_u keys ---
+        if cfg.moe == "sd" and storage == "train" and self.pre_quantized:
+            from .model_patches.sd_moe import swap_to_sd
+
+            swap_to_sd(model, experts, cfg)
+        # --- end SD-MoE ---
         if cfg.mode == "infer" and not self.pre_quantized:
             # float placeholders receive the checkpoint tensors, which the quantize op packs as they arrive
             for name in names:

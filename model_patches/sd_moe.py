@@ -1,0 +1,476 @@
+"""SD-MoE: spectrally decoupled routed experts (ALGORITHMS.md §3).
+
+Every routed expert matrix (gate, up, down; the fused ``gate_up_proj`` is two matrices with their own bases) is
+``W⁽ⁱ⁾ = W_c + W_u⁽ⁱ⁾``: one dense trainable ``W_c`` per (MoE layer, matrix type), shared by the layer's routed
+experts, plus a full-size per-expert ``W_u⁽ⁱ⁾``. With ``U_k, V_k`` the top-k singular vectors of ``W_c`` and
+``DC(X) = (I−P_U) X (I−P_V)``, after backward (and gradient accumulation) and before clipping / the optimizer step::
+
+    W_u.grad ← DC(W_u.grad)                     # G_u⁽ⁱ⁾ = (I−P_U) G⁽ⁱ⁾ (I−P_V)
+    W_c.grad ← W_c.grad − DC(W_c.grad)          # Σᵢ P_U G⁽ⁱ⁾ + (I−P_U) G⁽ⁱ⁾ P_V
+
+(autograd already gives ``W_c.grad = Σᵢ G⁽ⁱ⁾``), batched over experts in O(m·n·k); ``U_k, V_k`` are refreshed by
+an FP32 SVD of ``W_c`` every ``refresh_every`` optimizer steps.
+
+Module: `SDMoEExperts`, a `LowBitExperts` subclass whose `expert_weights()` returns ``W_c + W_u``; with
+``recipe=None`` the forward is the stock experts' math, with a recipe the FP4 GEMMs see the combined weight.
+Parameter names: the per-expert part keeps the Hugging Face names and layout (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``, so transformers' per-expert key conversions apply); the shared parts are
+``common_gate [I, H]``, ``common_up [I, H]``, ``common_down [H, I]``. The bases are non-persistent buffers
+(``sd_u_<m>``, ``sd_v_<m>``), recomputed from ``W_c`` on load.
+
+Where the projection runs with `transformers.Trainer` (checked in transformers 5.23, ``Trainer._inner_training_loop``):
+the Trainer calls ``_clip_grad_norm`` *before* ``callback_handler.on_pre_optimizer_step`` and no callback event
+fires between the last backward of an accumulation window and clipping. `SDMoECallback` therefore installs
+``Tensor.register_post_accumulate_grad_hook`` hooks on ``W_c`` and ``W_u`` at ``on_train_begin``: they project the
+accumulated ``.grad`` after every backward. Both maps (``DC`` and ``I−DC``) are linear and idempotent, so projecting
+after each micro-batch equals projecting the accumulated sum once, and clipping sees the projected gradients.
+``on_pre_optimizer_step`` projects once more (a no-op unless a wrapper such as DDP rewrote ``.grad`` after the hooks)
+and ``on_optimizer_step`` counts optimizer steps, applies the update-projection ablation and refreshes the bases.
+
+Custom (Accelerate) loops::
+
+    loss.backward()                      # or accelerator.backward(loss)
+    project_gradients(model)             # before clipping
+    clip; optimizer.step()
+    after_optimizer_step(model)          # refresh every `refresh_every` steps (+ ablations)
+
+(`refresh_bases(model)` refreshes unconditionally; `install_gradient_hooks(model)` is the hook route.)
+FSDP-sharded (DTensor) expert parameters are not supported by the projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from hf_lowbit.config import module_matches
+from hf_lowbit.model_patches.experts import LowBitExperts
+
+SD_MATRICES = ("gate", "up", "down")
+INITS = ("preserve", "project", "scratch")
+
+__all__ = ["SDMoEExperts", "SDMoECallback", "SD_MATRICES", "apply_sd_moe", "after_optimizer_step", "callbacks",
+           "fold_sd_moe", "has_sd_moe", "install_gradient_hooks", "project_gradients", "refresh_bases",
+           "sd_modules", "double_complement"]
+
+
+def double_complement(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(I − U Uᵀ) X (I − V Vᵀ)`` for ``X [..., m, n]``, ``U [m, k]``, ``V [n, k]`` in O(m·n·k) (FP32)."""
+    x = x.float()
+    a = x - u @ (u.transpose(0, 1) @ x)
+    return a - (a @ v) @ v.transpose(0, 1)
+
+
+def _top_k(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k left vectors [m, k], singular values [k], right vectors [n, k] of a 2-D matrix (FP32 SVD)."""
+    u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+    return u[:, :k], s[:k], vh[:k].transpose(0, 1)
+
+
+def _complement_basis(u: torch.Tensor, n_cols: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random orthonormal [m, n_cols] bases inside the orthogonal complement of the columns of ``u``."""
+    a = torch.randn(batch, u.shape[0], n_cols, generator=gen, dtype=torch.float32).to(u.device)
+    a = a - u @ (u.transpose(0, 1) @ a)
+    a = a - u @ (u.transpose(0, 1) @ a)  # twice: numerically clean complement
+    return torch.linalg.qr(a).Q
+
+
+class SDMoEExperts(LowBitExperts):
+    """Routed experts with a shared ``W_c`` per matrix type and per-expert ``W_u`` (``gate_up_proj``/``down_proj``)."""
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
+                 recipe=None, rank: int = 8, refresh_every: int = 16, project_updates: bool = False,
+                 fold_residual: bool = False, backend: str = "auto", seed: int = 0, device=None, dtype=None) -> None:
+        super().__init__(num_experts, hidden_dim, intermediate_dim, act_fn, recipe, "train", backend, seed,
+                         device=device, dtype=dtype)
+        if rank < 1 or refresh_every < 1:
+            raise ValueError(f"SDMoEExperts: rank={rank} and refresh_every={refresh_every} must be >= 1")
+        kw = dict(device=device, dtype=dtype)
+        i, h = intermediate_dim, hidden_dim
+        self.common_gate = nn.Parameter(torch.zeros(i, h, **kw))
+        self.common_up = nn.Parameter(torch.zeros(i, h, **kw))
+        self.common_down = nn.Parameter(torch.zeros(h, i, **kw))
+        self.rank = min(rank, i, h)
+        self.refresh_every = refresh_every
+        self.project_updates = project_updates
+        self.fold_residual = fold_residual
+        self.optimizer_steps = 0
+        self.refreshes = 0
+        for m in SD_MATRICES:
+            rows, cols = self._shape(m)
+            self.register_buffer(f"sd_u_{m}", torch.zeros(rows, self.rank, device=device), persistent=False)
+            self.register_buffer(f"sd_v_{m}", torch.zeros(cols, self.rank, device=device), persistent=False)
+        self.__dict__["_stock"] = None        # the stock experts module to fold back into (not a submodule)
+        self.__dict__["_hooks"] = []
+        self.__dict__["_snapshot"] = None
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, recipe=None, rank: int = 8, refresh_every: int = 16,
+                     project_updates: bool = False, fold_residual: bool = False, backend: str = "auto",
+                     seed: int = 0) -> "SDMoEExperts":
+        w = experts.gate_up_proj
+        new = cls(experts.num_experts, w.shape[-1], w.shape[-2] // 2, experts.act_fn, recipe, rank, refresh_every,
+                  project_updates, fold_residual, backend, seed, device=w.device, dtype=w.dtype)
+        new.layer_id = getattr(experts, "layer_id", 0)
+        return new
+
+    # -- views -----------------------------------------------------------------------------------------------------
+    def _shape(self, m: str) -> tuple[int, int]:
+        i, h = self.intermediate_dim, self.hidden_dim
+        return (h, i) if m == "down" else (i, h)
+
+    def common(self, m: str) -> nn.Parameter:
+        """W_c of matrix type ``m`` (``"gate"``, ``"up"``, ``"down"``)."""
+        return getattr(self, f"common_{m}")
+
+    def unique(self, m: str, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The [E, out, in] view of matrix type ``m`` inside the per-expert tensor ``t`` (default: W_u)."""
+        i = self.intermediate_dim
+        if m == "down":
+            return self.down_proj if t is None else t
+        t = self.gate_up_proj if t is None else t
+        return t[:, :i] if m == "gate" else t[:, i:]
+
+    def _unique_grad(self, m: str) -> torch.Tensor | None:
+        p = self.down_proj if m == "down" else self.gate_up_proj
+        return None if p.grad is None else self.unique(m, p.grad)
+
+    def bases(self, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"sd_u_{m}"), getattr(self, f"sd_v_{m}")
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        common_gate_up = torch.cat([self.common_gate, self.common_up], 0)
+        return self.gate_up_proj + common_gate_up.to(self.gate_up_proj.dtype), \
+            self.down_proj + self.common_down.to(self.down_proj.dtype)
+
+    @torch.no_grad()
+    def combined_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached ``W_c + W_u⁽ⁱ⁾`` as fused (gate_up [E, 2I, H], down [E, H, I])."""
+        return tuple(w.detach().clone() for w in self.expert_weights())
+
+    # -- init ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, gate_up: torch.Tensor, down: torch.Tensor, init: str = "preserve",
+                  generator: torch.Generator | None = None) -> None:
+        """Set W_c, W_u from stock expert weights (``preserve`` / ``project``) or from scratch (``scratch``)."""
+        if init not in INITS:
+            raise ValueError(f"SD-MoE: init={init!r} is not valid; allowed: {list(INITS)}")
+        gen = generator or torch.Generator().manual_seed(self.base_seed)
+        k, e = self.rank, self.num_experts
+        for m in SD_MATRICES:
+            w = self.unique(m, down if m == "down" else gate_up).detach().float()
+            if init == "scratch":
+                std = float(w.std()) if w.numel() > 1 and float(w.std()) > 0 else 0.02
+                draw = torch.randn(*self._shape(m), generator=gen) * std
+                u, s, vh = torch.linalg.svd(draw.to(w.device), full_matrices=False)
+                uk, vk = u[:, :k], vh[:k].transpose(0, 1)
+                wc = (uk * s[:k]) @ vk.transpose(0, 1)
+                tail = s[k:]
+                qu = _complement_basis(uk, len(tail), e, gen)
+                qv = _complement_basis(vk, len(tail), e, gen)
+                wu = (qu * tail) @ qv.transpose(-1, -2)
+            else:
+                uk, sk, vk = _top_k(w.mean(0), k)
+                wc = (uk * sk) @ vk.transpose(0, 1)
+                wu = w - wc if init == "preserve" else double_complement(w, uk, vk)
+            self.common(m).copy_(wc.to(self.common(m).dtype))
+            self.unique(m).copy_(wu.to(self.gate_up_proj.dtype))
+            self._set_bases(m, uk, vk)
+        self.refreshes, self.optimizer_steps = 0, 0
+
+    def _set_bases(self, m: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        setattr(self, f"sd_u_{m}", u.float().contiguous())
+        setattr(self, f"sd_v_{m}", v.float().contiguous())
+
+    # -- the SD-MoE rules --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh(self, fold_residual: bool | None = None) -> None:
+        """Recompute U_k, V_k by an FP32 SVD of each W_c (optionally moving W_c's beyond-rank-k part into W_u)."""
+        fold = self.fold_residual if fold_residual is None else fold_residual
+        for m in SD_MATRICES:
+            wc = self.common(m)
+            u, s, vh = torch.linalg.svd(wc.detach().float(), full_matrices=False)
+            uk, vk = u[:, :self.rank], vh[:self.rank].transpose(0, 1)
+            if fold:
+                low = (uk * s[:self.rank]) @ vk.transpose(0, 1)
+                self.unique(m).add_((wc.float() - low).to(self.gate_up_proj.dtype))
+                wc.copy_(low.to(wc.dtype))
+            self._set_bases(m, uk, vk)
+        self.refreshes += 1
+
+    @torch.no_grad()
+    def project_unique_grad(self) -> None:
+        for m in SD_MATRICES:
+            g = self._unique_grad(m)
+            if g is not None:
+                g.copy_(double_complement(g, *self.bases(m)).to(g.dtype))
+
+    @torch.no_grad()
+    def project_common_grad(self) -> None:
+        for m in SD_MATRICES:
+            g = self.common(m).grad
+            if g is not None:
+                g.copy_((g.float() - double_complement(g, *self.bases(m))).to(g.dtype))
+
+    def project_gradients(self) -> None:
+        """W_u.grad ← DC(W_u.grad), W_c.grad ← W_c.grad − DC(W_c.grad) (idempotent)."""
+        self.project_unique_grad()
+        self.project_common_grad()
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Keep W_u before the optimizer step (update-projection ablation)."""
+        self.__dict__["_snapshot"] = (self.gate_up_proj.detach().clone(), self.down_proj.detach().clone())
+
+    @torch.no_grad()
+    def project_update(self) -> None:
+        """W_u ← W_u_old + DC(W_u − W_u_old): the optimizer's update of W_u stays in the double complement."""
+        snap = self.__dict__.get("_snapshot")
+        if snap is None:
+            return
+        for m in SD_MATRICES:
+            old = self.unique(m, snap[1] if m == "down" else snap[0])
+            new = self.unique(m)
+            delta = double_complement(new.float() - old.float(), *self.bases(m))
+            new.copy_((old.float() + delta).to(new.dtype))
+        self.__dict__["_snapshot"] = None
+
+    def after_optimizer_step(self, step: int | None = None) -> bool:
+        """Ablation (if on) + step counting + refresh on schedule; returns True when the bases were refreshed."""
+        if self.project_updates:
+            self.project_update()
+        self.optimizer_steps = self.optimizer_steps + 1 if step is None else step
+        if self.optimizer_steps % self.refresh_every == 0:
+            self.refresh()
+            return True
+        return False
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        if self.__dict__["_hooks"]:
+            return
+        hooks = [self.gate_up_proj.register_post_accumulate_grad_hook(lambda p: self.project_unique_grad()),
+                 self.down_proj.register_post_accumulate_grad_hook(lambda p: self.project_unique_grad())]
+        for m in SD_MATRICES:
+            hooks.append(self.common(m).register_post_accumulate_grad_hook(lambda p: self.project_common_grad()))
+        self.__dict__["_hooks"] = hooks
+
+    def remove_hooks(self) -> None:
+        for h in self.__dict__["_hooks"]:
+            h.remove()
+        self.__dict__["_hooks"] = []
+
+    # -- export ------------------------------------------------------------------------------------------------------
+    def to_infer(self) -> None:
+        raise ValueError("SDMoEExperts.to_infer(): fold first (hf_lowbit.finalize folds W_c + W_u, then packs)")
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """An ordinary experts module holding ``W_c + W_u⁽ⁱ⁾``: the stock class when SD-MoE was applied to stock
+        experts, otherwise a `LowBitExperts` with the same recipe (train storage)."""
+        gate_up, down = self.combined_weights()
+        stock = self.__dict__.get("_stock")
+        if stock is not None and self.recipe is None:
+            new = stock
+        else:
+            new = LowBitExperts(self.num_experts, self.hidden_dim, self.intermediate_dim, self.act_fn, self.recipe,
+                                "train", self.backend, self.base_seed, device=gate_up.device, dtype=gate_up.dtype)
+            new.layer_id, new.calls = self.layer_id, self.calls
+        new.gate_up_proj = nn.Parameter(gate_up, requires_grad=self.gate_up_proj.requires_grad)
+        new.down_proj = nn.Parameter(down, requires_grad=self.down_proj.requires_grad)
+        return new
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", sd_rank={self.rank}, refresh_every={self.refresh_every}"
+                + (", project_updates" if self.project_updates else "")
+                + (", fold_residual" if self.fold_residual else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model-level API
+# ---------------------------------------------------------------------------------------------------------------------
+def sd_modules(model: nn.Module) -> Iterator[tuple[str, SDMoEExperts]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SDMoEExperts):
+            yield name, module
+
+
+def has_sd_moe(model: nn.Module) -> bool:
+    return any(True for _ in sd_modules(model))
+
+
+def _to_meta(module: nn.Module) -> nn.Module:
+    """Drop a stock module's weights (kept only as a class/config template for folding back)."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                           requires_grad=p.requires_grad))
+    return module
+
+
+def apply_sd_moe(model: nn.Module, rank: int = 8, init: str = "preserve", refresh_every: int = 16,
+                 project_updates: bool = False, fold_residual: bool = False, seed: int = 0,
+                 skip: list[str] | None = None) -> list[str]:
+    """Turn the routed experts of a supported MoE model into SD-MoE experts in place; returns the converted names.
+
+    Stock experts (no quantization) become ``SDMoEExperts(recipe=None)`` (stock math); `LowBitExperts` in train
+    storage keep their FP4 recipe and compute on ``W_c + W_u``. Already SD-MoE modules get fresh bases from their
+    W_c (a reloaded checkpoint). ``init``: ``"preserve"`` (default; outputs unchanged), ``"project"``,
+    ``"scratch"`` (Algorithm 1). ``project_updates`` / ``fold_residual`` are the two ablation switches.
+    """
+    from hf_lowbit.model_patches import experts_to_convert
+    from hf_lowbit.replace import stable_layer_id
+
+    if init not in INITS:
+        raise ValueError(f"apply_sd_moe: init={init!r} is not valid; allowed: {list(INITS)}")
+    skip = list(skip or [])
+    stock_names = set(experts_to_convert(model, skip))
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SDMoEExperts):
+            module.rank = min(rank, module.intermediate_dim, module.hidden_dim)
+            module.refresh_every, module.project_updates, module.fold_residual = (refresh_every, project_updates,
+                                                                                  fold_residual)
+            module.refresh(fold_residual=False)
+            module.refreshes = 0
+            names.append(name)
+            continue
+        is_lowbit = isinstance(module, LowBitExperts) and module.mode == "train" and not module_matches(name, skip)
+        if name not in stock_names and not is_lowbit:
+            continue
+        recipe = module.recipe if is_lowbit else None
+        backend = module.backend if is_lowbit else "auto"
+        new = SDMoEExperts.from_experts(module, recipe, rank, refresh_every, project_updates, fold_residual,
+                                        backend, seed)
+        new.layer_id = module.layer_id if is_lowbit else stable_layer_id(name)
+        if is_lowbit:
+            new.base_seed, new.calls = module.base_seed, module.calls
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + stable_layer_id(name) % 1_000_003)
+        new.init_from(module.gate_up_proj, module.down_proj, init, gen)
+        for p_new, p_old in ((new.gate_up_proj, module.gate_up_proj), (new.down_proj, module.down_proj)):
+            p_new.requires_grad_(p_old.requires_grad)
+        for m in SD_MATRICES:
+            new.common(m).requires_grad_(module.gate_up_proj.requires_grad)
+        if not is_lowbit:
+            new.__dict__["_stock"] = _to_meta(module)
+        model.set_submodule(name, new)
+        names.append(name)
+    if not names:
+        raise ValueError("apply_sd_moe(): no routed experts found (supported model types: qwen2_moe, qwen3_moe, "
+                         "deepseek_v2, deepseek_v3)")
+    return names
+
+
+def fold_sd_moe(model: nn.Module) -> list[str]:
+    """Replace every SD-MoE experts module by an ordinary one holding ``W_c + W_u⁽ⁱ⁾`` (in place)."""
+    names = []
+    for name, module in list(sd_modules(model)):
+        module.remove_hooks()
+        model.set_submodule(name, module.fold())
+        names.append(name)
+    return names
+
+
+def project_gradients(model: nn.Module) -> None:
+    """Apply the SD-MoE gradient rule to every SD-MoE module (after backward/accumulation, before clipping)."""
+    for _, module in sd_modules(model):
+        module.project_gradients()
+        if module.project_updates:
+            module.snapshot()
+
+
+def refresh_bases(model: nn.Module, fold_residual: bool | None = None) -> None:
+    """Recompute U_k, V_k of every W_c now (FP32 SVD)."""
+    for _, module in sd_modules(model):
+        module.refresh(fold_residual)
+
+
+def after_optimizer_step(model: nn.Module, step: int | None = None) -> bool:
+    """Call after each ``optimizer.step()``: counts steps and refreshes every ``refresh_every`` (+ ablations)."""
+    return any([module.after_optimizer_step(step) for _, module in sd_modules(model)])
+
+
+@contextlib.contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def install_gradient_hooks(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Project gradients automatically after every backward (post-accumulate-grad hooks), i.e. before any
+    clipping. Returns a context manager that removes the hooks on exit (or call `remove_gradient_hooks`)."""
+    modules = [m for _, m in sd_modules(model)]
+    for m in modules:
+        m.install_hooks()
+
+    @contextlib.contextmanager
+    def remover() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.remove_hooks()
+
+    return remover()
+
+
+def remove_gradient_hooks(model: nn.Module) -> None:
+    for _, module in sd_modules(model):
+        module.remove_hooks()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer callback
+# ---------------------------------------------------------------------------------------------------------------------
+from transformers import TrainerCallback  # noqa: E402
+
+
+class SDMoECallback(TrainerCallback):
+    """SD-MoE for `transformers.Trainer`: gradient rule before clipping (post-accumulate hooks, see the module
+    docstring), refresh every ``refresh_every`` optimizer steps. Arguments left None keep the modules' settings."""
+
+    def __init__(self, refresh_every: int | None = None, project_updates: bool | None = None,
+                 fold_residual: bool | None = None) -> None:
+        self.refresh_every, self.project_updates, self.fold_residual = refresh_every, project_updates, fold_residual
+        self.refresh_steps: list[int] = []
+
+    def _modules(self, model: nn.Module | None) -> list[SDMoEExperts]:
+        return [] if model is None else [m for _, m in sd_modules(model)]
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any):
+        for m in self._modules(model):
+            for attr in ("refresh_every", "project_updates", "fold_residual"):
+                if getattr(self, attr) is not None:
+                    setattr(m, attr, getattr(self, attr))
+            m.optimizer_steps = state.global_step  # resume keeps the schedule
+            m.install_hooks()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any):
+        project_gradients(model)  # idempotent: a no-op after the hooks, a safety net if .grad was rewritten
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any):
+        if after_optimizer_step(model, state.global_step + 1):  # global_step is incremented after this event
+            self.refresh_steps.append(state.global_step + 1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any):
+        for m in self._modules(model):
+            m.remove_hooks()
+
+
+def callbacks(model: nn.Module) -> list[TrainerCallback]:
+    """The Trainer callbacks this model needs: ``Trainer(..., callbacks=hf_lowbit.callbacks(model))``."""
+    return [SDMoECallback()] if has_sd_moe(model) else []
+
+
+def swap_to_sd(model: nn.Module, names: list[str], config: Any) -> None:
+    """Replace `LowBitExperts` (train storage, possibly on the meta device) by empty `SDMoEExperts` with the same
+    recipe, so that a saved train-mode SD-MoE checkpoint (``common_*`` keys) loads by name."""
+    for name in names:
+        old = model.get_submodule(name)
+        if isinstance(old, SDMoEExperts) or not isinstance(old, LowBitExperts):
+            continue
+        new = SDMoEExperts.from_experts(old, old.recipe, config.sd_rank, config.sd_refresh_every,
+                                        backend=old.backend, seed=old.base_seed)
+        new.layer_id = old.layer_id
+        model.set_submodule(name, new)

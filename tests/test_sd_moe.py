@@ -1,0 +1,217 @@
+"""SD-MoE (ALGORITHMS.md §3): init modes, gradient rule, refresh schedule in a real Trainer, fold-back, FP4."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import load_checked, tiny_config
+from hf_lowbit.model_patches.sd_moe import (SD_MATRICES, SDMoECallback, SDMoEExperts, after_optimizer_step,
+                                            apply_sd_moe, double_complement, install_gradient_hooks,
+                                            project_gradients, refresh_bases, sd_modules)
+
+FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def stock(kind: str):
+    from transformers import AutoModelForCausalLM
+
+    if kind not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[kind] = AutoModelForCausalLM.from_config(tiny_config(kind))
+    return copy.deepcopy(_CACHE[kind])
+
+
+def _ids(seed=1, b=2, t=24):
+    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _raw(module, m, t):  # per-expert part of matrix type m in a fused tensor t
+    return module.unique(m, t)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_preserve_equals_stock_and_gradient_rule(kind):
+    base = stock(kind)
+    sd = copy.deepcopy(base)
+    names = apply_sd_moe(sd, rank=4)
+    assert names and all(isinstance(sd.get_submodule(n), SDMoEExperts) for n in names)
+    ids = _ids()
+    ref = base(ids, labels=ids)
+    out = sd(ids, labels=ids)
+    assert (out.logits - ref.logits).abs().max() < 1e-5
+    ref.loss.backward()
+    out.loss.backward()
+    project_gradients(sd)
+    for name in names:
+        mod, old = sd.get_submodule(name), base.get_submodule(name)
+        for m in SD_MATRICES:
+            u, v = mod.bases(m)
+            assert u.shape[1] == 4 and torch.allclose(u.T @ u, torch.eye(4), atol=1e-5)
+            raw = _raw(mod, m, old.down_proj.grad if m == "down" else old.gate_up_proj.grad)  # G⁽ⁱ⁾ [E, o, i]
+            gu = mod._unique_grad(m)
+            gc = mod.common(m).grad
+            scale = raw.abs().max()
+            assert (u.T @ gu).abs().max() <= 1e-5 * scale + 1e-9          # U_kᵀ G_u ≈ 0
+            assert (gu @ v).abs().max() <= 1e-5 * scale + 1e-9             # G_u V_k ≈ 0
+            assert torch.allclose(gu, double_complement(raw, u, v), atol=1e-6)
+            assert torch.allclose(gc + gu.sum(0), raw.sum(0), atol=1e-5 * float(scale) + 1e-8)  # G_c + ΣG_u = ΣG
+
+
+def test_init_modes_and_hooks_with_accumulation():
+    base = stock("qwen3_moe")
+    proj = copy.deepcopy(base)
+    apply_sd_moe(proj, rank=4, init="project")
+    scratch = copy.deepcopy(base)
+    apply_sd_moe(scratch, rank=4, init="scratch", seed=3)
+    for model in (proj, scratch):
+        for _, mod in sd_modules(model):
+            for m in SD_MATRICES:
+                u, v = mod.bases(m)
+                wu = mod.unique(m).detach()
+                assert (u.T @ wu).abs().max() < 1e-5 and (wu @ v).abs().max() < 1e-5
+                assert torch.linalg.matrix_rank(mod.common(m).detach()) == 4
+    # scratch: every W_u has W's tail spectrum; different experts get different bases
+    mod = next(sd_modules(scratch))[1]
+    s = torch.linalg.svdvals(mod.unique("gate").detach())
+    assert torch.allclose(s[0], s[1], atol=1e-5) and not torch.allclose(mod.unique("gate")[0], mod.unique("gate")[1])
+    # hook route with 2 accumulated micro-batches == explicit projection of the accumulated sum
+    a, b = copy.deepcopy(proj), copy.deepcopy(proj)
+    with install_gradient_hooks(a):
+        for seed in (1, 2):
+            a(_ids(seed), labels=_ids(seed)).loss.backward()
+    for seed in (1, 2):
+        b(_ids(seed), labels=_ids(seed)).loss.backward()
+    project_gradients(b)
+    for (_, ma), (_, mb) in zip(sd_modules(a), sd_modules(b)):
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6)
+        assert not ma.__dict__["_hooks"]
+
+
+def test_ablations_update_projection_and_residual_fold():
+    model = stock("qwen2_moe")
+    apply_sd_moe(model, rank=4, refresh_every=2, project_updates=True, fold_residual=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mod = next(sd_modules(model))[1]
+    before = {m: mod.unique(m).detach().clone() for m in SD_MATRICES}
+    model(_ids(), labels=_ids()).loss.backward()
+    project_gradients(model)
+    opt.step()
+    assert not after_optimizer_step(model)                      # step 1: no refresh
+    for m in SD_MATRICES:
+        u, v = mod.bases(m)
+        delta = mod.unique(m).detach() - before[m]
+        assert delta.abs().max() > 0
+        assert (u.T @ delta).abs().max() < 1e-6 and (delta @ v).abs().max() < 1e-6
+    combined = mod.combined_weights()
+    opt.zero_grad()
+    assert after_optimizer_step(model) and mod.refreshes == 1   # step 2: refresh, W_c → rank k, sum unchanged
+    for m in SD_MATRICES:
+        assert torch.linalg.matrix_rank(mod.common(m).detach(), atol=1e-5) <= 4
+    for x, y in zip(combined, mod.combined_weights()):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_trainer_refresh_schedule_and_projection_before_clipping(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = stock("deepseek_v3")
+    apply_sd_moe(model, rank=4, refresh_every=2)
+    seen = []
+
+    class Probe(TrainerCallback):  # runs before SDMoECallback: the hooks must already have projected
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            worst = 0.0
+            for _, mod in sd_modules(model):
+                for m in SD_MATRICES:
+                    u, v = mod.bases(m)
+                    g = mod._unique_grad(m)
+                    worst = max(worst, float((u.T @ g).abs().max() / g.abs().max().clamp_min(1e-30)),
+                                float((g @ v).abs().max() / g.abs().max().clamp_min(1e-30)))
+            seen.append(worst)
+
+    data = [{"input_ids": _ids(i, 1, 16)[0], "labels": _ids(i, 1, 16)[0]} for i in range(20)]
+    sd_cb = SDMoECallback()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-3, max_grad_norm=1.0, report_to=[],
+                             save_strategy="no", use_cpu=True, logging_steps=100, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Probe(), sd_cb]).train()
+    assert len(seen) == 5 and max(seen) < 1e-5
+    assert sd_cb.refresh_steps == [2, 4]
+    assert all(mod.refreshes == 2 and mod.optimizer_steps == 5 and not mod.__dict__["_hooks"]
+               for _, mod in sd_modules(model))
+
+
+def test_fold_back_loads_in_plain_transformers(tmp_path):
+    import hf_lowbit
+
+    model = stock("qwen2_moe")
+    apply_sd_moe(model, rank=4, init="project")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(_ids(), labels=_ids()).loss.backward()
+    project_gradients(model)
+    opt.step()
+    refresh_bases(model)
+    ids = _ids(5)
+    with torch.no_grad():
+        want = model(ids).logits
+    hf_lowbit.finalize(model)
+    assert not list(sd_modules(model))
+    with torch.no_grad():
+        assert (model(ids).logits - want).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "ckpt")
+    # the checkpoint is stock: no quantization_config, no SD-MoE keys, loads with strict key checks in plain
+    # transformers (no hf_lowbit quantizer involved: nothing in config.json refers to it)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("common_" in k or "sd_" in k.rsplit(".", 1)[-1] for k in keys)
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in keys  # transformers' legacy per-expert layout
+    plain = load_checked(tmp_path / "ckpt")
+    assert type(plain.model.layers[0].mlp.experts).__module__.startswith("transformers.")
+    with torch.no_grad():
+        assert (plain(ids).logits - want).abs().max() < 1e-5
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_sd_fp4_trains_reloads_and_finalizes(tiny_model_dir, tmp_path):
+    import hf_lowbit
+
+    cfg = hf_lowbit.LowBitConfig(moe="sd", sd_rank=4, sd_refresh_every=2)
+    model = load_checked(tiny_model_dir("qwen3_moe"), cfg)
+    mods = [m for _, m in sd_modules(model)]
+    assert mods and all(m.recipe is not None for m in mods)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = _ids(7, 4, 32)
+    losses = []
+    for _ in range(4):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        project_gradients(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        after_optimizer_step(model)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and mods[0].refreshes == 2
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "train")                 # train-mode SD checkpoint: W_c + W_u reload by name
+    again = load_checked(tmp_path / "train")
+    assert all(isinstance(m, SDMoEExperts) for _, m in sd_modules(again))
+    with torch.no_grad():
+        assert (again(ids).logits - want).abs().max() < 1e-4
+    hf_lowbit.finalize(model)
+    assert not list(sd_modules(model))
+    model.save_pretrained(tmp_path / "infer")
+    packed = load_checked(tmp_path / "infer")
+    with torch.no_grad():
+        got = packed(ids).logits
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.5 * want.abs().max()
