@@ -31,8 +31,17 @@ from .finalize import finalize  # noqa: E402
 from .layers import LowBitLinear  # noqa: E402
 from .replace import convert  # noqa: E402
 from . import peft_support as _peft_support  # noqa: E402
+from .export import export  # noqa: E402
+from .hub import push, push_folder  # noqa: E402
+from .model_card import set_card_info  # noqa: E402
+from .model_patches.mhmoe import MHMoEConfig, MHMoEModel  # noqa: E402
+from .model_patches.sd_moe import (SDMoECallback, after_optimizer_step, apply_sd_moe,  # noqa: E402
+                                   callbacks, project_gradients, refresh_bases)
+from .quantize_checkpoint import quantize_checkpoint  # noqa: E402
 
 _peft_support.install()
 
-__all__ = ["LowBitConfig", "LowBitHfQuantizer", "LowBitLinear", "Recipe", "convert", "finalize", "numerics",
-           "__version__"]
+__all__ = ["LowBitConfig", "LowBitHfQuantizer", "LowBitLinear", "MHMoEConfig", "MHMoEModel", "Recipe",
+           "SDMoECallback", "after_optimizer_step", "apply_sd_moe", "callbacks", "convert", "export", "finalize",
+           "numerics", "project_gradients", "push", "push_folder", "quantize_checkpoint", "refresh_bases",
+           "set_card_info", "__version__"]

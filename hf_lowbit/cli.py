@@ -29,6 +29,36 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(rest)
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .quantize_checkpoint import cli_quantize
+
+    return cli_quantize(args)
+
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """`hf-lowbit quantize SRC OUT`: float checkpoint → packed FP4 checkpoint, shard by shard."""
+    q = sub.add_parser("quantize", help="convert a float checkpoint (hub id or directory) into a packed FP4 "
+                                        "checkpoint, shard by shard; verify by reloading; optionally push")
+    q.add_argument("src", help="hub id or local directory of a float safetensors checkpoint")
+    q.add_argument("out", help="output directory (must not exist or be empty, unless --overwrite)")
+    q.add_argument("--format", default="nvfp4", choices=["nvfp4", "mxfp4"], help="(default: %(default)s)")
+    q.add_argument("--activations", default="fp4", choices=["fp4", "none"],
+                   help="fp4: W4A4 at inference; none: weight-only W4A16 (default: %(default)s)")
+    q.add_argument("--no-mean-center", action="store_true", help="no Averis mean-centring of activations")
+    q.add_argument("--weight-blocks", default="1d", choices=["1d", "2d"], help="(default: %(default)s)")
+    q.add_argument("--mx-scale", default="floor", choices=["floor", "ceil"], help="MXFP4 block-scale rounding")
+    q.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="PATTERN",
+                   help="module name patterns kept in high precision (default: embeddings, lm_head, routers)")
+    q.add_argument("--dtype", default=None, help="dtype of the high-precision tensors (default: the source's)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only after success)")
+    q.add_argument("--no-verify", action="store_true", help="skip the reload + logit-error check")
+    q.add_argument("--push-to", default=None, metavar="REPO_ID", help="also push the result to this Hub repo")
+    q.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    q.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    q.add_argument("--revision", default=None, help="revision of a hub SRC")
+    q.set_defaults(func=_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowbit", description="Mean-centred FP4 training and inference "
                                      "for Hugging Face models.")
@@ -53,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--gradients", action="store_true", help="also analyse output gradients (runs backward)")
     diag.add_argument("--overwrite", action="store_true")
     diag.set_defaults(func=_diagnose)
+
+    _add_quantize_parser(sub)
+
+    from .train import add_arguments as _train_arguments, main_from_args as _train_main
+
+    train = sub.add_parser("train", help="pretrain or fine-tune a causal LM with Trainer in BF16 or an FP4 recipe; "
+                                         "runs under `accelerate launch` (DDP, FSDP2)")
+    _train_arguments(train)
+    train.set_defaults(func=_train_main)
 
     bench = sub.add_parser("bench", help="kernel and LowBitLinear benchmarks on a CUDA GPU (table + JSON); "
                                          "see `hf-lowbit bench --help`")

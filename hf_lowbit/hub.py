@@ -22,6 +22,7 @@ from torch import nn
 
 from . import guard
 from .model_card import is_hf_lowbit_card, lowbit_config, write_model_card
+from .save_layout import resolve_save_original_format
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def save_with_card(model: nn.Module, save_directory: str | os.PathLike, *args: A
     `card` holds extra `render_model_card` arguments (repo_id, tags, metrics, ...). A model that is no longer an
     hf_lowbit model (e.g. after `dequantize()`) is saved plainly and any stale guard is removed.
     """
+    resolve_save_original_format(model, kwargs)
     type(model).save_pretrained(model, save_directory, *args, **kwargs)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     should_save = getattr(model, "should_save_on_this_rank", None)

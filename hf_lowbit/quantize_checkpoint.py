@@ -274,15 +274,7 @@ def _convert_experts(name: str, n: int, reader: ShardReader, plan: Plan, config:
             scales.append(p.scales[0])
             if p.tensor_scale is not None:
                 tscales.append(p.tensor_scale.reshape(1))
-        if layout == "fused":
-            out[f"{name}.{matrix}"] = torch.stack(codes)
-        else:
-            for e, c in enumerate(codes):
-                if matrix == "gate_up_proj":
-                    half = c.shape[0] // 2
-                    out[f"{name}.{e}.gate_proj.weight"], out[f"{name}.{e}.up_proj.weight"] = c[:half], c[half:]
-                else:
-                    out[f"{name}.{e}.down_proj.weight"] = c
+        out[f"{name}.{matrix}"] = torch.stack(codes)  # fused, as save_pretrained writes packed experts (save_layout)
         out[f"{name}.{matrix}_scale"] = torch.stack(scales)
         if tscales:
             out[f"{name}.{matrix}_tensor_scale"] = torch.cat(tscales).float()
