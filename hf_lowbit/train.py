@@ -610,7 +610,55 @@ def _make_callbacks(run_info: dict, resume: str | None):
                 if hasattr(m, "calls") and _strip(n) in calls:
                     m.calls = calls[_strip(n)]
 
-    return [JsonLogCallback(), SRStateCallback()]
+    return [JsonLogCallback(), SRStateCallback(), ThroughputCallback(run_info)]
+
+
+class _Throughput:
+    """Steady-state training throughput: tokens/s over the optimizer steps after the first `warmup` (compilation,
+    autotuning and allocator warm-up excluded), measured between two device synchronisations."""
+
+    def __init__(self, tokens_per_step: int, warmup: int) -> None:
+        self.tokens_per_step, self.warmup = tokens_per_step, warmup
+        self.start: tuple[int, float] | None = None
+        self.end: tuple[int, float] | None = None
+
+    @staticmethod
+    def _now() -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def step_end(self, step: int, max_steps: int) -> None:
+        if step == self.warmup:
+            self.start = (step, self._now())
+        elif self.start is not None and step == max_steps:
+            self.end = (step, self._now())
+
+    def tokens_per_s(self) -> float | None:
+        if self.start is None or self.end is None or self.end[0] <= self.start[0]:
+            return None
+        return (self.end[0] - self.start[0]) * self.tokens_per_step / (self.end[1] - self.start[1])
+
+
+def ThroughputCallback(run_info: dict):  # noqa: N802 - a TrainerCallback factory (transformers imported lazily)
+    """TrainerCallback writing `tokens_per_s` (global, steady state) into `run_info` at the end of training."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            warmup = min(max(2, state.max_steps // 10), max(0, state.max_steps - 1))
+            tokens = run_info["global_batch"] * run_info["block_size"]
+            self.meter = _Throughput(tokens, state.global_step + warmup)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.meter.step_end(state.global_step, state.max_steps)
+
+        def on_train_end(self, args, state, control, **kw):
+            run_info["tokens_per_s"] = self.meter.tokens_per_s()
+
+    return _Callback()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -743,7 +791,8 @@ def run(a: argparse.Namespace) -> dict:
               f"{run_info['eval_blocks']} held-out blocks of {a.block_size} | {targs.world_size} process(es) | "
               f"bf16 autocast: {bf16} | logging to: {report_to or 'log.json only'}", flush=True)
     result = trainer.train(resume_from_checkpoint=a.resume)
-    summary: dict[str, Any] = {"train_loss": result.training_loss, "global_step": trainer.state.global_step}
+    summary: dict[str, Any] = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
+                               "tokens_per_s": run_info.get("tokens_per_s")}
     if held is not None:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
         done = evals and evals[-1].get("step") == trainer.state.global_step

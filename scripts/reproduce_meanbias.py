@@ -12,6 +12,10 @@ loss(BF16) < loss(NVFP4 + Averis) < loss(plain NVFP4).
 
     python scripts/reproduce_meanbias.py --tiny --out runs/repro-tiny              # CPU smoke run, ~1 minute
     python scripts/reproduce_meanbias.py --data site-packages --out runs/repro     # GPU run (defaults below)
+    # one config per GPU in parallel, then one table:
+    CUDA_VISIBLE_DEVICES=0 python scripts/reproduce_meanbias.py ... --configs bf16 --out runs/a &
+    CUDA_VISIBLE_DEVICES=1 python scripts/reproduce_meanbias.py ... --configs nvfp4 --out runs/b; wait
+    python scripts/reproduce_meanbias.py --merge runs/a runs/b --out runs/repro
 """
 
 from __future__ import annotations
@@ -58,10 +62,24 @@ def site_packages_text(max_bytes: int) -> str:
     return "\n".join(chunks)
 
 
+def tokenize_chunked(tokenizer, text: str, chunk_chars: int = 1 << 20) -> torch.Tensor:
+    """Token ids of `text`, tokenized as a batch of ~1 MB pieces cut at newlines (the fast tokenizer runs a batch in
+    parallel; one huge string runs on one core)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        cut = text.rfind("\n", start, end) + 1 if end < len(text) else end
+        end = cut if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    ids = tokenizer(pieces)["input_ids"]
+    return torch.tensor([i for piece in ids for i in piece], dtype=torch.long)
+
+
 def build_data(args, device: str):
     text = demo_text() if args.data == "shakespeare" else site_packages_text(args.max_bytes)
     tokenizer = train_tokenizer(text[: 4_000_000], vocab_size=args.vocab)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = tokenize_chunked(tokenizer, text)
     n_eval = max(args.seq * args.eval_batches * args.batch, len(ids) // 50)
     train, held = ids[:-n_eval], ids[-n_eval:]
     blocks = lambda t: t[: (len(t) // args.seq) * args.seq].reshape(-1, args.seq)  # noqa: E731
@@ -187,6 +205,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--max-bytes", type=int, default=200_000_000, help="site-packages text to read")
+    p.add_argument("--merge", nargs="+", metavar="RUN_DIR",
+                   help="only combine the results.json of runs made in parallel (one config per GPU) into --out")
     if p.parse_known_args(argv)[0].tiny:  # tiny sizes become the defaults; explicit flags still win
         p.set_defaults(steps=30, batch=4, seq=64, hidden=64, layers=2, heads=4, vocab=512, eval_every=10,
                        eval_batches=2)
@@ -207,8 +227,52 @@ def parse_args(argv=None):
     return args
 
 
+def write_summary(out: Path, results: dict, meta: dict) -> dict:
+    """results.json (table + runs), loss_curves.png and the printed table for the runs in `results`."""
+    base = results.get("bf16", {}).get("final_loss")
+    table = []
+    for name, r in results.items():
+        gap = None if base is None else 100 * (r["final_loss"] - base) / base
+        table.append({"config": name, "final_loss": r["final_loss"], "gap_to_bf16_pct": gap,
+                      "tokens_per_s": r["tokens_per_s"], "peak_mem_gib": r["peak_mem_gib"]})
+    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                "hf_lowbit": hf_lowbit.__version__}
+    summary = {**meta, "versions": versions, "table": table, "runs": results}
+    f = {n: results[n]["final_loss"] for n in ("bf16", "nvfp4", "nvfp4-averis") if n in results}
+    if len(f) == 3:
+        summary["paper_ordering_held"] = f["bf16"] < f["nvfp4-averis"] < f["nvfp4"]
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(results, out / "loss_curves.png")
+    print("\n| config | final held-out loss | gap to BF16 | tokens/s | peak mem GiB |\n|---|---|---|---|---|")
+    for row in table:
+        gap = "" if row["gap_to_bf16_pct"] is None else f"{row['gap_to_bf16_pct']:+.2f}%"
+        mem = "" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.2f}"
+        print(f"| {row['config']} | {row['final_loss']:.4f} | {gap} | {row['tokens_per_s']:,.0f} | {mem} |")
+    if "paper_ordering_held" in summary:
+        print(f"paper ordering BF16 < NVFP4+Averis < NVFP4: "
+              f"{'held' if summary['paper_ordering_held'] else 'did not hold'}")
+    return summary
+
+
+def merge(out: Path, run_dirs: list[str]) -> int:
+    """Combine the results.json of runs made in parallel (e.g. one config per GPU, same arguments) into `out`."""
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    strip = lambda a: {k: v for k, v in a.items() if k not in ("out", "configs", "merge")}  # noqa: E731
+    for part in parts[1:]:
+        if strip(part["args"]) != strip(parts[0]["args"]) or part["device"] != parts[0]["device"]:
+            raise SystemExit(f"--merge: {run_dirs} were not run with the same arguments on the same device type")
+    results = {name: r for part in parts for name, r in part["runs"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_summary(out, results, {"device": parts[0]["device"], "params": parts[0]["params"],
+                                 "args": parts[0]["args"], "merged_from": run_dirs})
+    print(f"written: {out / 'results.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(Path(args.out), args.merge)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,28 +288,8 @@ def main(argv=None) -> int:
     results = {}
     for name in args.names:
         results[name] = train_one(name, init_state, len(tokenizer), train, held, args, device, out)
-    base = results.get("bf16", {}).get("final_loss")
-    table = []
-    for name, r in results.items():
-        gap = None if base is None else 100 * (r["final_loss"] - base) / base
-        table.append({"config": name, "final_loss": r["final_loss"], "gap_to_bf16_pct": gap,
-                      "tokens_per_s": r["tokens_per_s"], "peak_mem_gib": r["peak_mem_gib"]})
-    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                "hf_lowbit": hf_lowbit.__version__}
-    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "versions": versions,
-               "params": n_params, "args": {k: v for k, v in vars(args).items() if k != "names"},
-               "table": table, "runs": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    plot_curves(results, out / "loss_curves.png")
-    print("\n| config | final held-out loss | gap to BF16 | tokens/s | peak mem GiB |\n|---|---|---|---|---|")
-    for row in table:
-        gap = "" if row["gap_to_bf16_pct"] is None else f"{row['gap_to_bf16_pct']:+.2f}%"
-        mem = "" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.2f}"
-        print(f"| {row['config']} | {row['final_loss']:.4f} | {gap} | {row['tokens_per_s']:,.0f} | {mem} |")
-    if all(n in results for n in ("bf16", "nvfp4", "nvfp4-averis")):
-        f = {n: results[n]["final_loss"] for n in ("bf16", "nvfp4", "nvfp4-averis")}
-        held_ = f["bf16"] < f["nvfp4-averis"] < f["nvfp4"]
-        print(f"paper ordering BF16 < NVFP4+Averis < NVFP4: {'held' if held_ else 'did not hold'}")
+    write_summary(out, results, {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                 "params": n_params, "args": {k: v for k, v in vars(args).items() if k != "names"}})
     print(f"written: {out / 'results.json'}")
     return 0
 

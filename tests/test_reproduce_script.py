@@ -39,3 +39,36 @@ def test_bad_arguments_fail_before_any_work(extra, message, tmp_path, capsys):
         script.main(["--tiny", "--out", str(tmp_path / "x"), *extra])
     assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_meanbias", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_chunked_tokenization_round_trips_the_text():
+    from hf_lowbit.demo import demo_text, train_tokenizer
+
+    text = demo_text()[:20_000] + "\nno newline at the end"
+    tok = train_tokenizer(text, vocab_size=300)
+    ids = _script().tokenize_chunked(tok, text, chunk_chars=997)
+    assert tok.decode(ids.tolist()) == text
+    assert abs(len(ids) - len(tok(text)["input_ids"])) < 0.02 * len(ids)
+
+
+def test_merge_combines_parallel_runs(tmp_path):
+    script = _script()
+    common = ["--tiny", "--steps", "2", "--eval-every", "2"]
+    assert script.main([*common, "--configs", "bf16", "--out", str(tmp_path / "a")]) == 0
+    assert script.main([*common, "--configs", "nvfp4,nvfp4-averis", "--out", str(tmp_path / "b")]) == 0
+    assert script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [r["config"] for r in res["table"]] == ["bf16", "nvfp4", "nvfp4-averis"]
+    assert isinstance(res["paper_ordering_held"], bool) and res["table"][0]["gap_to_bf16_pct"] == 0.0
+    assert script.main([*common, "--configs", "nvfp4", "--seq", "32", "--out", str(tmp_path / "c")]) == 0
+    with pytest.raises(SystemExit, match="same arguments"):
+        script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "n")])

@@ -69,6 +69,7 @@ def test_tiny_run_outputs(tiny_run):
     for d in ("checkpoint-3", "checkpoint-6", "final", "finalized", "tokenizer"):
         assert (out / d).is_dir(), d
     assert log["summary"]["finalized"]["reload_identical"] is True
+    assert log["summary"]["tokens_per_s"] > 0  # steady state: steps 2..6 of 6
     packed = AutoModelForCausalLM.from_pretrained(out / "finalized")
     assert packed.config.quantization_config.mode == "infer"
     assert isinstance(packed.model.layers[0].mlp.down_proj, hf_lowbit.LowBitLinear)
@@ -293,3 +294,13 @@ def test_precision_mismatch_with_checkpoint_is_refused(tiny_run, tmp_path):
     a.model = str(out / "finalized")
     with pytest.raises(ValueError, match="packed"):
         T.build_model(a, None, T.lowbit_config("nvfp4-averis"))
+
+
+def test_throughput_meter_counts_steady_steps_only(monkeypatch):
+    clock = iter([10.0, 14.0])
+    meter = T._Throughput(tokens_per_step=100, warmup=2)
+    monkeypatch.setattr(T._Throughput, "_now", staticmethod(lambda: next(clock)))
+    for step in range(1, 7):
+        meter.step_end(step, max_steps=6)
+    assert meter.tokens_per_s() == (6 - 2) * 100 / 4.0
+    assert T._Throughput(100, warmup=2).tokens_per_s() is None  # never reached the end
