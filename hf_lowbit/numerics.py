@@ -191,17 +191,23 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 # Scales
 # ----------------------------------------------------------------------------------------------------------------
 
+def divide_exactly(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` correctly rounded on every device. PyTorch's CUDA kernel turns a division by a Python (CPU)
+    scalar into a multiplication by its reciprocal (up to 1 ulp off); a divisor tensor on t's device is divided."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """FP32 tensor scale ``amax / 2688``; NaN if the tensor holds a NaN or Inf."""
     amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-    return torch.where(torch.isfinite(amax), amax / NVFP4_TENSOR_SCALE_DIVISOR,
+    return torch.where(torch.isfinite(amax), divide_exactly(amax, NVFP4_TENSOR_SCALE_DIVISOR),
                        torch.full_like(amax, float("nan")))
 
 
 def _nvfp4_block_scales(block_amax: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
     """E4M3 block scales (as float8_e4m3fn) for the given block maxima; 0 where the tensor scale is 0."""
     safe_ts = torch.where(tensor_scale == 0, torch.ones_like(tensor_scale), tensor_scale)
-    s = (block_amax.float() / E2M1_MAX) / safe_ts
+    s = divide_exactly(block_amax.float(), E2M1_MAX) / safe_ts
     s = torch.where(tensor_scale == 0, torch.zeros_like(s), s)
     s = torch.where(torch.isfinite(block_amax), s, torch.full_like(s, float("nan")))  # e.g. a forced tensor scale
     return s.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)  # clamp keeps NaN; NaN converts to the E4M3 NaN
@@ -293,7 +299,7 @@ def _tensor_scale_for(source: torch.Tensor, tensor_scale: torch.Tensor | None, s
     if tensor_scale is None:
         amax = source.abs().float().amax(dim=tuple(range(1, source.dim()))) if source.numel() else \
             torch.zeros(source.shape[0], device=source.device)
-        tensor_scale = torch.where(torch.isfinite(amax), amax / NVFP4_TENSOR_SCALE_DIVISOR,
+        tensor_scale = torch.where(torch.isfinite(amax), divide_exactly(amax, NVFP4_TENSOR_SCALE_DIVISOR),
                                    torch.full_like(amax, float("nan")))
     ts = tensor_scale.float().reshape(-1).expand(source.shape[0]) if tensor_scale.numel() == 1 else \
         tensor_scale.float().reshape(-1)

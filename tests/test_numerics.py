@@ -1055,3 +1055,16 @@ def test_slices_error_messages(fn):
     # a 0-d tensor has no slice dimension either: quantize and fake_quantize must agree (both refuse)
     with pytest.raises(ValueError, match=r"slices=True"):
         fn(t32(2.0), slices=True)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_divide_exactly_is_correctly_rounded(device):
+    """Scale divisions are correctly rounded on every device (CUDA turns `t / python_scalar` into `t * (1/c)`, up to
+    1 ulp off; float64 division rounded to float32 is correctly rounded since 53 >= 2*24 + 2)."""
+    from hf_lowbit.numerics import divide_exactly
+
+    g = torch.Generator().manual_seed(7)
+    t = (torch.rand(100_000, generator=g) * 2.0 ** torch.randint(-30, 30, (100_000,), generator=g)).to(device)
+    for divisor in (2688.0, 6.0):
+        expected = (t.double() / divisor).float()
+        assert torch.equal(divide_exactly(t, divisor), expected)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU acceptance runs of the issues, in stages, one device call each group. Logs and JSON under $OUT.
+#   STAGES="core demo mhmoe calib" bash scripts/gpu_acceptance.sh          # one GPU
+#   STAGES="repro moe scale" bash scripts/gpu_acceptance.sh                # two GPUs
+# Stages:
+#   core   GPU test subset (kernels without the interpreter; MoE, training, SD-MoE, MH-MoE tests) with xdist
+#   demo   hf-lowbit demo (BF16 vs NVFP4 through Trainer, finalize, save, reload, generate)
+#   mhmoe  continual-learning sequence: LoRAMoE (H=1, r=9) vs MH-MoE (H=8, r=2) at matched activated parameters
+#   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
+#   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
+#   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
+#   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS)
+set -uo pipefail
+OUT=${OUT:-/tmp/hf_lowbit_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+unset TRITON_INTERPRET
+STAGES=${STAGES:-"core demo"}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+clean() { tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$"; }
+stamp() { echo "== $1 $(date +%T)" | tee -a "$OUT/stages.log"; }
+
+python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/env.log" 2>&1
+python3 -c "import torch, transformers, peft, accelerate, triton; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" 2>&1 | tee -a "$OUT/env.log"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+
+if has core; then stamp core
+  timeout ${CORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_moe.py \
+    tests/test_training.py tests/test_sd_moe.py tests/test_mhmoe.py tests/test_averis.py 2>&1 | tail -15 | tee "$OUT/core_tests.log"
+fi
+if has demo; then stamp demo
+  ( cd /tmp && timeout ${DEMO_TIMEOUT:-200} hf-lowbit demo --output-dir "$OUT/demo" --overwrite 2>&1 ) | clean | tail -25 | tee "$OUT/demo.log"
+  rm -rf "$OUT/demo"
+fi
+if has mhmoe; then stamp mhmoe
+  for cfg in "loramoe 1 9" "mhmoe 8 2"; do set -- $cfg
+    timeout ${MHMOE_TIMEOUT:-150} python3 scripts/continual.py --output-dir "$OUT/continual_$1" --tiny-base-dir /tmp/tiny_base \
+      --num-heads $2 --r $3 ${MHMOE_ARGS:-} 2>&1 | clean | tail -12 | tee "$OUT/continual_$1.log"
+  done
+fi
+if has calib; then stamp calib
+  timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
+    --eval-every 20 ${REPRO_ARGS:-} 2>&1 | tail -12 | tee "$OUT/calib.log"
+fi
+if has moe; then stamp moe
+  timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"
+fi
+if has repro; then stamp repro
+  IFS=',' read -ra GROUPS_ <<< "${REPRO_GROUPS:-bf16,nvfp4,nvfp4-averis}"
+  dirs=(); i=0
+  for g in "${GROUPS_[@]}"; do
+    CUDA_VISIBLE_DEVICES=$((i % NGPU)) timeout ${REPRO_TIMEOUT:-420} python3 scripts/reproduce_meanbias.py \
+      --data site-packages --configs "${g//+/,}" --out /tmp/repro_$i ${REPRO_ARGS:-} >"$OUT/repro_$i.log" 2>&1 &
+    dirs+=(/tmp/repro_$i); i=$((i + 1))
+  done
+  wait
+  python3 scripts/reproduce_meanbias.py --merge "${dirs[@]}" --out "$OUT/repro" 2>&1 | tee "$OUT/repro.log"
+  for d in "${dirs[@]}"; do cp -r "$d/diag_early" "$d/diag_late" "$OUT/repro/" 2>/dev/null; done
+fi
+if has scale; then stamp scale
+  common="--from-config ${SCALE_MODEL:-qwen3-0.6b-shape} --train-files hf_lowbit/data --block-size 1024 --batch-size 8 \
+    --max-steps ${SCALE_STEPS:-40} --save-every 0 --eval-fraction 0 --no-progress --report-to none --overwrite ${SCALE_ARGS:-}"
+  for prec in bf16 nvfp4-averis; do
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 scripts/train.py $common --precision $prec --output-dir /tmp/s1_$prec 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+    timeout 240 accelerate launch --config_file scripts/accelerate/ddp.yaml --num_processes 2 scripts/train.py $common \
+      --precision $prec --output-dir /tmp/s2_$prec 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+    cp /tmp/s1_$prec/log.json "$OUT/scale_1gpu_$prec.json"; cp /tmp/s2_$prec/log.json "$OUT/scale_2gpu_ddp_$prec.json"
+  done
+  timeout 240 accelerate launch --config_file scripts/accelerate/fsdp2.yaml --num_processes 2 scripts/train.py $common \
+    --precision nvfp4-averis --output-dir /tmp/s2f 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+  cp /tmp/s2f/log.json "$OUT/scale_2gpu_fsdp2_nvfp4-averis.json" 2>/dev/null
+fi
+stamp done
