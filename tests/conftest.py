@@ -68,3 +68,17 @@ def load_checked(path, cfg=None, **kw):
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         assert not info[key], f"{key}: {info[key]}"
     return model
+
+
+def saved_tensors(path) -> dict:
+    """Every tensor of the safetensors files in a checkpoint directory (all shards), by key."""
+    import os
+
+    from safetensors import safe_open
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -6,25 +6,15 @@ import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import hf_lowbit
 from hf_lowbit import LowBitConfig, LowBitLinear
 from hf_lowbit.export import FUSED_GROUPS, export
 from hf_lowbit.numerics import dequantize, quantize
 
-from conftest import load_checked
+from conftest import load_checked, saved_tensors
 
 ct = pytest.importorskip("compressed_tensors", reason="pip install 'hf-lowbit[export]'")
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _ct_scheme(path):
@@ -65,7 +55,7 @@ def test_compressed_tensors_round_trip_dense(fmt, tiny_model_dir, tmp_path):
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors" and "auto_map" not in cfg
     assert sorted(cfg["quantization_config"]["ignore"]) == ["lm_head"]
     loaded = _load_with_ct(tmp_path / "ct")
-    files = _tensors(tmp_path / "ct")
+    files = saved_tensors(tmp_path / "ct")
     changed = {r["module"] for r in report.requantized}
     assert bool(changed) == (fmt == "nvfp4")  # MXFP4 has no global scale: every layer is exact
     for name, m in model.named_modules():
@@ -97,7 +87,7 @@ def test_moe_experts_decompress_bit_for_bit(tiny_model_dir, tmp_path):
     model = load_checked(tiny_model_dir("qwen2_moe"), LowBitConfig(mode="infer"))
     report = export(model, tmp_path / "ct")
     assert report.experts == 2
-    files = _tensors(tmp_path / "ct")
+    files = saved_tensors(tmp_path / "ct")
     scheme, compressor = _ct_scheme(tmp_path / "ct")
     experts = model.model.layers[1].mlp.experts
     gate_up, down = experts.dequantized_weights()
@@ -119,7 +109,7 @@ def test_train_model_exports_like_its_finalized_copy(tiny_model_dir, tmp_path):
     train = load_checked(tiny_model_dir("llama"), LowBitConfig())
     export(train, tmp_path / "a")
     export(hf_lowbit.finalize(train, inplace=False), tmp_path / "b")
-    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    a, b = saved_tensors(tmp_path / "a"), saved_tensors(tmp_path / "b")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     card = (tmp_path / "a" / "README.md").read_text()
     assert "compressed-tensors" in card and "vllm serve" in card and "import hf_lowbit" not in card

@@ -10,23 +10,13 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_lowbit import LowBitConfig, LowBitLinear
 from hf_lowbit.quantize_checkpoint import cli_quantize, quantize_checkpoint
 
-from conftest import load_checked, tiny_config
+from conftest import load_checked, saved_tensors, tiny_config
 from hub_server import HubServer
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _sharded(kind, root, dtype=torch.float32, max_shard_size="40KB"):
@@ -51,7 +41,7 @@ def test_equals_from_pretrained_then_save_pretrained(kind, dtype, options, tmp_p
     assert report.input_shards > 2 and report.output_shards > 1
     ref = load_checked(src, LowBitConfig(mode="infer", **options))
     ref.save_pretrained(tmp_path / "ref")
-    ours, theirs = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref")
+    ours, theirs = saved_tensors(tmp_path / "out"), saved_tensors(tmp_path / "ref")
     assert sorted(ours) == sorted(theirs)
     for key in ours:  # same names, dtypes and bits: *.weight uint8 codes, *.weight_scale, *.weight_tensor_scale
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
