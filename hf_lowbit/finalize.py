@@ -25,7 +25,7 @@ def finalize(model: nn.Module, inplace: bool = True) -> nn.Module:
     Returns the model (or a deep copy with ``inplace=False``) in ``mode="infer"``: `save_pretrained` then writes
     packed weights, and `from_pretrained(dir)` reloads them with no quantization_config argument.
     """
-    # --- SD-MoE (hf_lowbit.model_patches.sd_moe): fold W_c + W_u back into ordinary experts ---
+    # SD-MoE: fold W_c + W_u back into ordinary experts (hf_lowbit.model_patches.sd_moe)
     from .model_patches.sd_moe import fold_sd_moe, has_sd_moe
 
     if has_sd_moe(model) and not isinstance(getattr(getattr(model, "config", None), "quantization_config", None),
@@ -33,7 +33,6 @@ def finalize(model: nn.Module, inplace: bool = True) -> nn.Module:
         model = model if inplace else copy.deepcopy(model)
         fold_sd_moe(model)  # unquantized (apply_sd_moe): stock experts, the checkpoint loads in plain transformers
         return model
-    # --- end SD-MoE ---
     cfg = _lowbit_config(model)
     if not inplace:
         model = copy.deepcopy(model)

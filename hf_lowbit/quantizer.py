@@ -113,12 +113,11 @@ class LowBitHfQuantizer(HfQuantizer):
         storage = "infer" if packed_storage else "train"
         names = swap_linears(model, cfg, self.modules_to_not_convert, storage)
         experts = swap_experts(model, cfg, self.modules_to_not_convert, storage)
-        # --- SD-MoE (hf_lowbit.model_patches.sd_moe): a saved train-mode SD-MoE checkpoint has W_c/W_u keys ---
+        # SD-MoE: a saved train-mode SD-MoE checkpoint has W_c / W_u keys (hf_lowbit.model_patches.sd_moe)
         if cfg.moe == "sd" and storage == "train" and self.pre_quantized:
             from .model_patches.sd_moe import swap_to_sd
 
             swap_to_sd(model, experts, cfg)
-        # --- end SD-MoE ---
         if cfg.mode == "infer" and not self.pre_quantized:
             # float placeholders receive the checkpoint tensors, which the quantize op packs as they arrive
             for name in names:
@@ -149,8 +148,7 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         install_save_hooks(model)  # save_pretrained/push_to_hub also write the model card (hf_lowbit.hub)
-        # --- SD-MoE (hf_lowbit.model_patches.sd_moe): split the (FP4) experts into W_c + W_u, or refresh the bases
-        # of a reloaded SD-MoE checkpoint ---
+        # SD-MoE: split the (FP4) experts into W_c + W_u, or refresh the bases of a reloaded SD-MoE checkpoint
         cfg = self.quantization_config
         if cfg.moe == "sd" and cfg.mode == "train":
             from .model_patches.sd_moe import apply_sd_moe
@@ -158,7 +156,6 @@ class LowBitHfQuantizer(HfQuantizer):
             skip = getattr(self, "modules_to_not_convert", None) or self.modules_to_skip(model)
             apply_sd_moe(model, rank=cfg.sd_rank, init=cfg.sd_init, refresh_every=cfg.sd_refresh_every,
                          seed=cfg.seed, skip=skip)
-        # --- end SD-MoE ---
         for module in model.modules():  # transformers makes every loaded float tensor trainable: freeze packed ones
             if isinstance(module, (LowBitLinear, LowBitExperts)) and module.mode == "infer":
                 tensors = ("weight",) if isinstance(module, LowBitLinear) else MATRICES
