@@ -25,6 +25,7 @@ from hf_lowbit.backend import TorchBackend
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
+from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
 from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
 from hf_lowbit.numerics import PackedTensor
 
@@ -125,6 +126,13 @@ class TritonBackend(TorchBackend):
             with torch.autocast(x.device.type, enabled=False):
                 return triton_linear_train(x, weight, bias, recipe, seed)
         return triton_linear_train(x, weight, bias, recipe, seed)
+
+    def grouped_linear_train(self, x, weight, mask, recipe, seed):
+        # opt-in until measured on a GPU (benchmarks/NOTES.md): HF_LOWBIT_GROUPED_TRITON=1
+        if os.environ.get("HF_LOWBIT_GROUPED_TRITON") != "1" or not supports_grouped(x, weight, recipe):
+            return super().grouped_linear_train(x, weight, mask, recipe, seed)
+        with torch.autocast(x.device.type, enabled=False):  # the op's arithmetic is FP32/BF16 by itself
+            return triton_grouped_linear_train(x, weight, mask, recipe, seed)
 
     def linear_packed(self, x, packed_weight: PackedTensor, bias, recipe):
         tokens = x.numel() // max(1, x.shape[-1])

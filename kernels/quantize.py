@@ -33,7 +33,7 @@ from hf_lowbit.kernels._common import (e2m1_value, e4m3_rne, e8m0_from_amax, e8m
                                        round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
-__all__ = ["AverisQuant", "averis_quantize", "quantize_2d", "seed31"]
+__all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -178,11 +178,14 @@ def _uniform(x):
 @triton.jit
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
-                  seed_row, seed_col, N_MT, ts_out_ptr,
+                  seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr,
                   BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
                   CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr,
                   ROW: tl.constexpr, ROW_PACK: tl.constexpr, ROW_DQ: tl.constexpr,
-                  COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr):
+                  COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr,
+                  GROUPED: tl.constexpr):
+    # GROUPED: x is G stacked groups of GL rows (MoE experts, GL a multiple of B); each group has its own mean
+    # (mean_ptr [G, K]) and tensor scale (tsg_ptr [G]); rows with rowok == 0 (capacity padding) quantize as 0
     # tiles in reverse row order: the stats pass ended on the last rows, which may still sit in L2
     pm = N_MT - 1 - tl.program_id(0)
     pk = tl.program_id(1)
@@ -190,9 +193,10 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
     NBK: tl.constexpr = BK // B
     NBM: tl.constexpr = BM // B
     if IS_NV:
-        ts = _nv_tensor_scale(amax_ptr)
-        if (pm == N_MT - 1) & (pk == 0):
-            tl.store(ts_out_ptr, ts)  # the tensor scale for the host side (no extra torch ops)
+        if not GROUPED:
+            ts = _nv_tensor_scale(amax_ptr)
+            if (pm == N_MT - 1) & (pk == 0):
+                tl.store(ts_out_ptr, ts)  # the tensor scale for the host side (no extra torch ops)
 
     if ROW:
         # [BM, BK] load (16-byte vectors), viewed as [BM, NBK, HB, 2]: block nb of row m, pair j, element p
@@ -205,7 +209,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         mask2 = rmask[:, None] & cmask[None, :]
         x2 = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask2,
                      other=0.0).to(tl.float32)
-        if CENTER:
+        if GROUPED:
+            grp = rows // GL
+            ok = rmask & (tl.load(rowok_ptr + rows, mask=rmask, other=0) != 0)
+            valid2 = ok[:, None] & cmask[None, :]
+            mu = tl.load(mean_ptr + grp[:, None].to(tl.int64) * K + cols[None, :], mask=valid2, other=0.0)
+            r2 = tl.where(valid2, x2 - mu, 0.0)
+        elif CENTER:
             mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             r2 = tl.where(mask2, x2 - mu[None, :], 0.0)
         else:
@@ -219,9 +229,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         else:
             rnd = 0.0
         if IS_NV:
-            sbf, sbyte = _nv_block_scale(amax_b, ts)
-            sbf = tl.where(ts != ts, float("nan"), sbf)
-            den = sbf * ts
+            if GROUPED:
+                tsr = tl.load(tsg_ptr + grp, mask=rmask, other=1.0)[:, None]
+            else:
+                tsr = ts
+            sbf, sbyte = _nv_block_scale(amax_b, tsr)
+            sbf = tl.where(tsr != tsr, float("nan"), sbf)
+            den = sbf * tsr
             y, bad = nv_inv_den(den)
             codes = _nv_codes(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, rnd, FAST)
         else:
@@ -253,7 +267,17 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         pe = x_ptr + rowe[:, :, None].to(tl.int64) * sxm + cols[None, None, :] * sxk
         xe = tl.load(pe, mask=me, other=0.0).to(tl.float32)
         xo = tl.load(pe + sxm, mask=mo, other=0.0).to(tl.float32)
-        if CENTER:
+        if GROUPED:
+            G = M // GL
+            grp_b = (pm * BM + mb * B) // GL  # blocks never straddle groups: GL is a multiple of B
+            oke = (rowe < M) & (tl.load(rowok_ptr + rowe, mask=rowe < M, other=0) != 0)
+            oko = (rowe + 1 < M) & (tl.load(rowok_ptr + rowe + 1, mask=rowe + 1 < M, other=0) != 0)
+            gmask = (grp_b < G)[:, None, None] & cmask[None, None, :]
+            muc = tl.load(mean_ptr + grp_b[:, None, None].to(tl.int64) * K + cols[None, None, :], mask=gmask,
+                          other=0.0)
+            re = tl.where(oke[:, :, None] & cmask[None, None, :], xe - muc, 0.0)
+            ro = tl.where(oko[:, :, None] & cmask[None, None, :], xo - muc, 0.0)
+        elif CENTER:
             muc = tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, None, :]
             re = tl.where(me, xe - muc, 0.0)
             ro = tl.where(mo, xo - muc, 0.0)
@@ -272,9 +296,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             rnd_e = 0.0
             rnd_o = 0.0
         if IS_NV:
-            sbf_c, sbyte_c = _nv_block_scale(amax_c, ts)
-            sbf_c = tl.where(ts != ts, float("nan"), sbf_c)
-            den_c = sbf_c * ts
+            if GROUPED:
+                tsc = tl.load(tsg_ptr + grp_b, mask=grp_b < G, other=1.0)[:, None]
+            else:
+                tsc = ts
+            sbf_c, sbyte_c = _nv_block_scale(amax_c, tsc)
+            sbf_c = tl.where(tsc != tsc, float("nan"), sbf_c)
+            den_c = sbf_c * tsc
             y_c, bad_c = nv_inv_den(den_c)
             d3 = den_c[:, None, :]
             y3 = y_c[:, None, :]
@@ -484,10 +512,10 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         rc if rc is not None else dummy_u8, rs if rs is not None else dummy_u8,
         rdq if rdq is not None else dummy_bf, cc if cc is not None else dummy_u8,
         cs if cs is not None else dummy_u8, cdq if cdq is not None else dummy_bf,
-        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, ts_buf,
+        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, ts_buf, M, dummy_f, dummy_u8,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil", FAST=_fast(),
         ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
-        COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum,
+        COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum, GROUPED=False,
         num_warps=nw)
     ts = ts_buf[0] if is_nv else None
     mean_q = mean_qu = mts = None
@@ -503,6 +531,45 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
     colp = PackedTensor(cc, cs, ts, (M, K), 0, fmt.name, False) if cc is not None else None
     return AverisQuant(mean if center else None, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
                        None if csum is None else csum.sum(0), camax)
+
+
+def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, mean: torch.Tensor,
+                        tensor_scale: torch.Tensor | None, format: str = "nvfp4", rounding: str = "rtn",
+                        seed: int = 0, row: bool = True, col: bool = False, mx_scale: str = "floor"
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Quantize G stacked groups `x` [G·group_rows, K] (MoE experts in capacity layout) → BF16 code × block scale
+    along the hidden axis (`row`) and/or the token axis (`col`), as `(row_dq, col_dq)`.
+
+    Group g is centred on ``mean[g]`` (zeros: no centring) and uses ``tensor_scale[g]`` (NVFP4; computed by the
+    caller, like the reference's per-slice tensor scales); rows with ``rowok == 0`` are padding and quantize to 0.
+    `group_rows` must be a multiple of the block size so that token-axis blocks never straddle two groups.
+    """
+    fmt = get_format(format)
+    B = fmt.block_size
+    is_nv = fmt.scale_kind == "e4m3"
+    M, K = x.shape
+    if M == 0 or K == 0 or group_rows <= 0 or M % group_rows or group_rows % B:
+        raise ValueError(f"grouped_quantize_dq: shape {tuple(x.shape)} is not G groups of group_rows={group_rows} "
+                         f"rows; allowed: group_rows a positive multiple of {B} dividing the row count")
+    if is_nv and tensor_scale is None:
+        raise ValueError("grouped_quantize_dq: NVFP4 needs the per-group tensor scales")
+    dev = x.device
+    KP = triton.cdiv(K, B) * B
+    BM, BK, nw = _cfg(M, K, B, row, col)
+    dummy_u8, dummy_bf, dummy_f = _dummies(dev)
+    rdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if row else None
+    cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if col else None
+    n_mt = triton.cdiv(M, BM)
+    ts = tensor_scale.float().contiguous() if is_nv else dummy_f
+    _quant_kernel[(n_mt, triton.cdiv(KP, BK))](
+        x, x.stride(0), x.stride(1), M, K, M, KP, mean.float().contiguous(), dummy_f,
+        dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
+        cdq if cdq is not None else dummy_bf, dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, dummy_f,
+        group_rows, ts, rowok.to(torch.uint8).contiguous(),
+        BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
+        FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col, COL_SUM=False,
+        GROUPED=True, num_warps=nw)
+    return rdq, cdq
 
 
 def quantize_2d(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: str = "rtn", seed: int = 0,

@@ -35,10 +35,12 @@ Times are medians/means in ms from CUDA events on a GPU (no synchronization insi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -48,7 +50,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -62,6 +64,12 @@ EXPERT_VARIANTS: dict[str, dict[str, Any]] = {
     "nvfp4_torch": {"backend": "torch"},
     "mxfp4_auto": {"format": "mxfp4"},
 }
+#: variants run with HF_LOWBIT_GROUPED_TRITON=1: the grouped Triton path (opt-in until measured here)
+GROUPED_TRITON_VARIANTS: dict[str, dict[str, Any]] = {
+    "nvfp4_grouped_triton": {},
+    "mxfp4_grouped_triton": {"format": "mxfp4"},
+}
+GROUPED_ENV = "HF_LOWBIT_GROUPED_TRITON"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,11 +276,25 @@ def grouped_implementation(backend_name: str, device: torch.device) -> dict[str,
 
     backend = resolve_backend(backend_name, device)
     owner = next(c for c in type(backend).__mro__ if "grouped_linear_train" in c.__dict__)
-    accelerated = owner is not TorchBackend
+    accelerated = owner is not TorchBackend and os.environ.get(GROUPED_ENV) == "1"
     impl = (f"{owner.__module__}.{owner.__qualname__}" if accelerated
             else "torch reference (averis.grouped_averis_linear)")
     return {"backend_requested": backend_name, "backend_resolved": backend.name, "grouped_impl": impl,
             "grouped_accelerated": accelerated}
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) one environment variable for the duration of the block."""
+    old = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if old is not None:
+            os.environ[name] = old
 
 
 def grouped_mm_kernel(weight: torch.Tensor) -> str:
@@ -392,13 +414,17 @@ def bench_experts(shape: ExpertShape, device: torch.device, settings: Settings, 
                grouped_impl=grouped_mm_kernel(stock.gate_up_proj), out_rel_err=0.0, dx_rel_err=0.0, ratio=1.0)
     rows.append(row)
     runner.save()
-    for name, kwargs in EXPERT_VARIANTS.items():
+    variants = [(n, kw, False) for n, kw in EXPERT_VARIANTS.items()]
+    if device.type == "cuda":  # on a CPU `auto` resolves to the torch backend: nothing to compare
+        variants += [(n, kw, True) for n, kw in GROUPED_TRITON_VARIANTS.items()]
+    for name, kwargs, grouped in variants:
         config = hf_lowbit.LowBitConfig(**kwargs)
-        row = {"name": name, "format": config.format, **grouped_implementation(config.backend, device)}
-        measure = partial(fp4_experts_row, name, base_model, config, inputs, device, settings, y_ref, dx_ref,
-                          rows[0]["median_ms"])
-        rows.append(row)
-        runner.run(row, measure)
+        with _env(GROUPED_ENV, "1" if grouped else None):
+            row = {"name": name, "format": config.format, **grouped_implementation(config.backend, device)}
+            measure = partial(fp4_experts_row, name, base_model, config, inputs, device, settings, y_ref, dx_ref,
+                              rows[0]["median_ms"])
+            rows.append(row)
+            runner.run(row, measure)
     ratio = next(r for r in rows if r["name"] == "nvfp4_auto").get("ratio")
     return {"ratio_nvfp4_auto": ratio, "meets_target": None if ratio is None else ratio <= EXPERTS_TARGET_RATIO}
 

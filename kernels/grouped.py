@@ -1,0 +1,175 @@
+"""Grouped (MoE experts) W4A4G4 Averis linear on the Triton quantizer: x [G, L, K] · weight [G, N, K]ᵀ.
+
+Same math as the reference `hf_lowbit.averis.GroupedAverisLinearFunction` (per-group mean over the group's real
+tokens, per-group tensor scales, padding rows masked): the per-group statistics are a few torch reductions, the
+quantization of every operand is one `grouped_quantize_dq` launch writing BF16 ``code × block scale`` (exact), and
+the GEMMs are batched BF16 GEMMs with FP32 output (`aten::bmm.dtype` on CUDA) scaled by the tensor scales, plus the
+rank-1 mean terms. Quantized operands match the reference bit for bit (RTN); outputs differ only by FP32
+accumulation order. Recipes the kernels do not cover (Hadamard, 2-D weight blocks, block_axis="last", group sizes
+that are not a multiple of the block) fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from hf_lowbit.averis import make_generator, mix_seed
+from hf_lowbit.config import Recipe
+
+from hf_lowbit.kernels.quantize import grouped_quantize_dq, seed31
+from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
+
+_HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched BF16 GEMM with FP32 accumulation and FP32 output (one rounding), [G, M, K] · [G, K, N]."""
+    if a.is_cuda and _HAS_BMM_DTYPE:
+        return torch.ops.aten.bmm.dtype(a, b, torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor, center: bool, is_nv: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group mean over real rows (zeros when not centring) and NVFP4 tensor scale of the centred residual.
+
+    `mask` [G, L] marks real rows (None: all rows are real; padding rows must hold zeros for the mean).
+    ``max |z − μ|`` over a column is ``max(colmax − μ, μ − colmin)`` exactly (FP32 subtraction is monotone), so no
+    centred copy is built; a non-finite maximum gives a NaN tensor scale, as in the reference.
+    """
+    g, _, k = z.shape
+    mu = (z.sum(1, dtype=torch.float32) / counts.clamp(min=1)[:, None] if center
+          else torch.zeros(g, k, device=z.device, dtype=torch.float32))
+    if not is_nv:
+        return mu, None
+    if mask is None:
+        colmax, colmin = z.amax(1).float(), z.amin(1).float()
+    else:
+        pad = ~mask.bool()[..., None]
+        colmax = z.masked_fill(pad, float("-inf")).amax(1).float()
+        colmin = z.masked_fill(pad, float("inf")).amin(1).float()
+    amax = torch.maximum(colmax - mu, mu - colmin).amax(1).clamp(min=0)
+    ts = torch.where(torch.isfinite(amax), divide_exactly(amax, NVFP4_TENSOR_SCALE_DIVISOR),
+                     torch.full_like(amax, float("nan")))
+    return mu, ts
+
+
+def mean_quantized(mu: torch.Tensor, recipe: Recipe, stochastic: bool, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q(μ) per group as (FP32 values, BF16 code × block scale, tensor scales) — the reference's quantization."""
+    p = quantize(mu, recipe.format, -1, "sr" if stochastic else "rtn", generator, mx_scale=recipe.mx_scale,
+                 slices=True)
+    unscaled = dequantize(dataclasses.replace(p, tensor_scale=None)).to(torch.bfloat16)
+    ts = None if p.tensor_scale is None else p.tensor_scale.float().reshape(-1)
+    return dequantize(p), unscaled, ts
+
+
+def _scale(*scales: torch.Tensor | None) -> torch.Tensor | float:
+    out: torch.Tensor | float = 1.0
+    for s in scales:
+        if s is not None:
+            out = out * s[:, None, None]
+    return out
+
+
+def _rank1(v_unscaled: torch.Tensor, m: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
+    """``v[g] · M[g]`` per group (a [G, 1, ·] row), BF16 operands, FP32 result times the scales."""
+    return bmm_fp32(v_unscaled[:, None, :], m) * _scale(*scales)
+
+
+class TritonGroupedAverisLinear(torch.autograd.Function):
+    """W4A4G4 Averis linear over G groups with the Triton quantizer (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
+                seed: int) -> torch.Tensor:
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fmt = get_format(recipe.format)
+        is_nv = fmt.scale_kind == "e4m3"
+        g, length, k = x.shape
+        n = weight.shape[1]
+        lp = -(-length // fmt.block_size) * fmt.block_size
+        xp, mp = (F.pad(x, (0, 0, 0, lp - length)), F.pad(mask, (0, lp - length))) if lp != length else (x, mask)
+        counts = mp.sum(1)
+        rowok = mp.reshape(-1) != 0
+        mu_x, ts_x = group_stats(xp, mp, counts, recipe.center_activations, is_nv)
+        x_row, x_col = grouped_quantize_dq(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe.format,
+                                           "sr" if recipe.sr_activations else "rtn", seed31(seed, 21), row=True,
+                                           col=need_wgrad, mx_scale=recipe.mx_scale)
+        w_mu, ts_w = group_stats(weight, None, torch.full((g,), n, device=x.device), False, is_nv)
+        all_rows = torch.ones(g * n, device=x.device, dtype=torch.bool)
+        w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, all_rows, w_mu, ts_w,
+                                           recipe.format, "sr" if recipe.sr_weights else "rtn", seed31(seed, 22),
+                                           row=True, col=need_dgrad, mx_scale=recipe.mx_scale)
+        w_row = w_row.view(g, n, k).transpose(1, 2)
+        y = bmm_fp32(x_row.view(g, lp, k), w_row) * _scale(ts_x, ts_w)
+        mu_x_q = None
+        if recipe.center_activations:
+            gen = make_generator(mix_seed(seed, 1), x.device) if recipe.sr_activations else None
+            mu_x_q, mu_x_u, ts_mu = mean_quantized(mu_x, recipe, recipe.sr_activations, gen)
+            y = y + _rank1(mu_x_u, w_row, ts_mu, ts_w)
+        y = (y * mp[..., None])[:, :length]
+        x_sum = None
+        if need_wgrad:
+            x_sum = x_col.view(g, lp, k).sum(1, dtype=torch.float32)
+        saved = [x_col, x_sum, ts_x, mu_x_q, w_col, ts_w, mp, counts]
+        ctx.has = [t is not None for t in saved]
+        ctx.save_for_backward(*[t for t in saved if t is not None])
+        ctx.meta = (recipe, seed, length, lp, n, k, weight.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        it = iter(ctx.saved_tensors)
+        x_col, x_sum, ts_x, mu_x_q, w_col, ts_w, mp, counts = [next(it) if h else None for h in ctx.has]
+        recipe, seed, length, lp, n, k, w_dtype = ctx.meta
+        need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        is_nv = get_format(recipe.format).scale_kind == "e4m3"
+        g = dy.shape[0]
+        d = F.pad(dy, (0, 0, 0, lp - length)) if lp != length else dy
+        d = d * mp[..., None].to(d.dtype)
+        mu_d, ts_d = group_stats(d, mp, counts, recipe.center_gradients, is_nv)
+        d_row, d_col = grouped_quantize_dq(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d,
+                                           recipe.format, "sr" if recipe.sr_gradients else "rtn",
+                                           seed31(seed, 23), row=need_dgrad, col=need_wgrad,
+                                           mx_scale=recipe.mx_scale)
+        mu_d_q = mu_d_u = ts_mud = None
+        if recipe.center_gradients:
+            gen = make_generator(mix_seed(seed, 2), dy.device) if recipe.sr_gradients else None
+            mu_d_q, mu_d_u, ts_mud = mean_quantized(mu_d, recipe, recipe.sr_gradients, gen)
+        dx = dw = None
+        if need_dgrad:
+            wc = w_col.view(g, n, k)
+            dx = bmm_fp32(d_row.view(g, lp, n), wc) * _scale(ts_d, ts_w)
+            if mu_d_u is not None:
+                dx = dx + _rank1(mu_d_u, wc, ts_mud, ts_w)
+            dx = (dx * mp[..., None])[:, :length].to(dy.dtype)
+        if need_wgrad:
+            dc = d_col.view(g, lp, n)
+            dw = bmm_fp32(dc.transpose(1, 2), x_col.view(g, lp, k)) * _scale(ts_d, ts_x)
+            x_sum_s = x_sum * (1.0 if ts_x is None else ts_x[:, None])
+            if mu_x_q is not None:
+                d_sum = dc.sum(1, dtype=torch.float32) * (1.0 if ts_d is None else ts_d[:, None])
+                dw = dw + d_sum[:, :, None] * mu_x_q[:, None, :]
+            if mu_d_q is not None:
+                dw = dw + mu_d_q[:, :, None] * x_sum_s[:, None, :]
+                if mu_x_q is not None:
+                    dw = dw + counts[:, None, None] * (mu_d_q[:, :, None] * mu_x_q[:, None, :])
+            dw = dw.to(w_dtype)
+        return dx, dw, None, None, None
+
+
+def supports_grouped(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> bool:
+    """Shapes and recipes the grouped Triton path covers (else the reference runs)."""
+    b = get_format(recipe.format).block_size
+    return (recipe.block_axis == "reduction" and not recipe.hadamard and recipe.weight_blocks == "1d"
+            and x.dim() == 3 and x.numel() > 0 and weight.shape[1] % b == 0 and weight.shape[-1] > 0)
+
+
+def triton_grouped_linear_train(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
+                                seed: int = 0) -> torch.Tensor:
+    """x [G, L, K], weight [G, N, K], mask [G, L] (1 = real token) → [G, L, N] with autograd."""
+    return TritonGroupedAverisLinear.apply(x, weight, mask.to(torch.float32), recipe, seed)
