@@ -225,6 +225,16 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                 add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} triton backend (gemm={impl}) "
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9)
             os.environ["HF_LOWBIT_GEMM"] = "triton"
+            if fmt == "mxfp4":  # P3 proper: the exact MXFP4-on-FP8 path (kernels/mx_fp8.py, opt-in)
+                os.environ["HF_LOWBIT_MX_FP8"] = "1"
+                try:
+                    ms = _bench(lambda: step(layer))
+                    add("P3", f"LowBitLinear mxfp4 on FP8 tensor cores K={K} N={N}", ms, ratio_bf16=ms / ms_bf,
+                        tflops=fl / ms / 1e9)
+                except Exception as err:  # a first GPU run of this path: record why it failed, keep benchmarking
+                    add("P3", f"LowBitLinear mxfp4 on FP8 tensor cores K={K} N={N} FAILED: {err!r}"[:300], float("nan"))
+                finally:
+                    os.environ.pop("HF_LOWBIT_MX_FP8", None)
             if reference:
                 layer_ref = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16,
                                          recipe=Recipe(format=fmt), backend="torch")

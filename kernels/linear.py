@@ -26,6 +26,7 @@ from hf_lowbit.config import Recipe
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
+from hf_lowbit.kernels.mx_fp8 import mx_fp8_linear_train
 from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
 from hf_lowbit.numerics import PackedTensor
 
@@ -122,10 +123,13 @@ class TritonBackend(TorchBackend):
     def linear_train(self, x, weight, bias, recipe, seed):
         if not supports_recipe(recipe) or x.shape[-1] == 0 or x.numel() == 0:
             return super().linear_train(x, weight, bias, recipe, seed)
+        # MXFP4 on FP8 tensor cores (exact): opt-in until measured on a GPU (benchmarks/NOTES.md), HF_LOWBIT_MX_FP8=1
+        fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and os.environ.get("HF_LOWBIT_MX_FP8") == "1") \
+            else triton_linear_train
         if torch.is_autocast_enabled(x.device.type):  # the op's arithmetic is FP32/BF16 by itself (as reference)
             with torch.autocast(x.device.type, enabled=False):
-                return triton_linear_train(x, weight, bias, recipe, seed)
-        return triton_linear_train(x, weight, bias, recipe, seed)
+                return fn(x, weight, bias, recipe, seed)
+        return fn(x, weight, bias, recipe, seed)
 
     def grouped_linear_train(self, x, weight, mask, recipe, seed):
         # opt-in until measured on a GPU (benchmarks/NOTES.md): HF_LOWBIT_GROUPED_TRITON=1
