@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,14 @@ def saved_tensors(path) -> dict:
             with safe_open(os.path.join(path, name), "pt") as f:
                 out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def kernel_test_device() -> str:
+    """Device of the Triton kernel tests: the CPU under TRITON_INTERPRET=1 (tiny shapes), else a CUDA GPU; skips
+    the calling test module when neither is there."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)

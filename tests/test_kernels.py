@@ -13,15 +13,11 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from conftest import kernel_test_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEV = kernel_test_device()
+INTERPRET = DEV == "cpu"
+triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 

@@ -5,20 +5,12 @@ Runs on the CPU under TRITON_INTERPRET=1 (tiny shapes) and, unchanged, on a CUDA
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from conftest import kernel_test_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET:
-    DEV = "cpu"
-elif torch.cuda.is_available():
-    DEV = "cuda"
-else:
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEV = kernel_test_device()
 
 from hf_lowbit.averis import center, grouped_averis_linear  # noqa: E402
 from hf_lowbit.config import LowBitConfig  # noqa: E402
