@@ -10,6 +10,7 @@ products are exact, so it equals the reference MXFP4 GEMM up to FP32 accumulatio
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,26 +32,38 @@ class FoldedFP8:
     underflow_blocks: int  # nonzero blocks below MIN_EXACT_DELTA binades of their row's largest block scale
 
 
-def fold_mxfp4(p: PackedTensor) -> FoldedFP8:
-    """Fold a packed 2-D MXFP4 tensor (blocks along its last stored axis) into FP8 values and row scales."""
+def fold_mxfp4(p: PackedTensor, use_kernel: bool | None = None) -> FoldedFP8:
+    """Fold a packed 2-D MXFP4 tensor (blocks along its last stored axis) into FP8 values and row scales.
+
+    `use_kernel` (default: on CUDA, or under TRITON_INTERPRET=1) writes the E4M3 bytes with one Triton pass over the
+    packed codes; otherwise torch ops do it. Both give the same bytes."""
     fmt = get_format(p.format)
     if fmt.scale_kind != "e8m0" or p.block_2d or p.codes.dim() != 2:
         raise ValueError(f"fold_mxfp4 needs a 2-D MXFP4 tensor with 1-D blocks, got format={p.format!r}, "
                          f"block_2d={p.block_2d}, codes of shape {tuple(p.codes.shape)}")
     rows = p.codes.shape[0]
     b = fmt.block_size
-    vals = e2m1_codes_to_values(unpack_codes(p.codes)).reshape(rows, -1, b)
     exps = p.scales.to(torch.int32)                                   # biased E8M0 exponents, 255 = NaN
     nan_rows = (exps == 255).any(dim=1)
     emax = torch.where(exps == 255, torch.zeros_like(exps), exps).amax(dim=1)
-    delta = exps - emax[:, None]                                       # ≤ 0 per block
+    row_scale = torch.ldexp(torch.ones(rows, device=exps.device), emax - E8M0_BIAS - SHIFT)
+    row_scale = torch.where(nan_rows, torch.full_like(row_scale, float("nan")), row_scale)
+    if use_kernel is None:
+        use_kernel = p.codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if use_kernel:
+        from hf_lowbit.kernels.quantize import fold_mxfp4_bytes
+
+        values = fold_mxfp4_bytes(p.codes, p.scales, emax, SHIFT).view(torch.float8_e4m3fn)
+        delta = exps - emax[:, None]
+        underflow = int(((delta < MIN_EXACT_DELTA) & (p.scales != 0) & ~nan_rows[:, None]).sum())
+        return FoldedFP8(values, row_scale, underflow)
+    vals = e2m1_codes_to_values(unpack_codes(p.codes)).reshape(rows, -1, b)
+    delta = (exps - emax[:, None]).clamp(max=0)                        # ≤ 0 per block (NaN blocks: their row is NaN)
     factor = torch.ldexp(torch.ones_like(delta, dtype=torch.float32), (delta + SHIFT).clamp(min=-60))
     scaled = vals * factor[..., None]                                  # exact in FP32
     values = scaled.reshape(rows, -1).to(torch.float8_e4m3fn)
     nonzero = (vals != 0).any(dim=-1)
     underflow = int(((delta < MIN_EXACT_DELTA) & nonzero & ~nan_rows[:, None]).sum())
-    row_scale = torch.ldexp(torch.ones(rows, device=vals.device), emax - E8M0_BIAS - SHIFT)
-    row_scale = torch.where(nan_rows, torch.full_like(row_scale, float("nan")), row_scale)
     return FoldedFP8(values, row_scale, underflow)
 
 

@@ -572,6 +572,42 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     return rdq, cdq
 
 
+@triton.jit
+def _mx_fold_kernel(codes_ptr, scales_ptr, emax_ptr, out_ptr, R, KH, NB, SHIFT: tl.constexpr,
+                    BR: tl.constexpr, BKB: tl.constexpr):
+    """Packed MXFP4 codes [R, KH] (two per byte) → E4M3 bytes [R, 2·KH] of code × 2^(e_b − e_max + SHIFT)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cb = tl.program_id(1) * BKB + tl.arange(0, BKB)
+    m = (rows < R)[:, None] & (cb < KH)[None, :]
+    byte = tl.load(codes_ptr + rows[:, None].to(tl.int64) * KH + cb[None, :], mask=m, other=0).to(tl.int32)
+    sc = tl.load(scales_ptr + rows[:, None].to(tl.int64) * NB + (cb // 16)[None, :], mask=m, other=0).to(tl.int32)
+    em = tl.load(emax_ptr + rows, mask=rows < R, other=0)
+    shift = tl.maximum(tl.minimum(sc - em[:, None], 0) + SHIFT, -60)
+    factor = ((shift + 127) << 23).to(tl.float32, bitcast=True)  # 2^shift, exact
+    lo = byte & 15
+    hi = byte >> 4
+    _, blo = e4m3_rne(tl.abs(e2m1_value(lo) * factor))
+    _, bhi = e4m3_rne(tl.abs(e2m1_value(hi) * factor))
+    blo = blo | ((lo & 8) << 4)  # the sign bit
+    bhi = bhi | ((hi & 8) << 4)
+    out = tl.reshape(tl.join(blo, bhi), [BR, 2 * BKB]).to(tl.uint8)
+    oc = tl.program_id(1) * 2 * BKB + tl.arange(0, 2 * BKB)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * (2 * KH) + oc[None, :], out,
+             mask=(rows < R)[:, None] & (oc < 2 * KH)[None, :])
+
+
+def fold_mxfp4_bytes(codes: torch.Tensor, scales: torch.Tensor, emax: torch.Tensor, shift: int) -> torch.Tensor:
+    """E4M3 bit patterns (uint8 [R, 2·KH]) of packed MXFP4 codes [R, KH] folded against each row's largest block
+    exponent `emax` [R] (see `hf_lowbit.kernels.mx_fp8`)."""
+    r, kh = codes.shape
+    out = torch.empty((r, 2 * kh), device=codes.device, dtype=torch.uint8)
+    br, bkb = (16, 16) if _interpreting() else (32, 64)
+    _mx_fold_kernel[(triton.cdiv(r, br), triton.cdiv(kh, bkb))](
+        codes.contiguous(), scales.contiguous(), emax.to(torch.int32).contiguous(), out, r, kh, scales.shape[1],
+        SHIFT=shift, BR=br, BKB=bkb, num_warps=4)
+    return out
+
+
 def quantize_2d(x: torch.Tensor, format: str = "nvfp4", axis: int = -1, rounding: str = "rtn", seed: int = 0,
                 mx_scale: str = "floor") -> PackedTensor:
     """Plain (uncentred) quantization of a 2-D tensor along axis 1 (-1) or 0, as `numerics.quantize`."""

@@ -63,6 +63,24 @@ triton_needed = pytest.mark.skipif(not (DEV == "cuda" or os.environ.get("TRITON_
 
 
 @triton_needed
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_fold_kernel_writes_the_same_bytes_as_torch(axis):
+    """One Triton pass over the packed codes == the torch fold, byte for byte (signs, -0, zero rows, underflow)."""
+    pytest.importorskip("triton")
+    from hf_lowbit.kernels.mx_fp8 import fold_mxfp4
+
+    x = _wide(37, 200, seed=3, decades=8)
+    x[3, 7] = float("nan")
+    x[5] = 0
+    p = quantize(x, "mxfp4", axis)
+    ref, got = fold_mxfp4(p, use_kernel=False), fold_mxfp4(p, use_kernel=True)
+    finite = torch.isfinite(ref.row_scale)
+    assert torch.equal(got.values.view(torch.uint8)[finite], ref.values.view(torch.uint8)[finite])
+    assert torch.equal(got.row_scale.nan_to_num(), ref.row_scale.nan_to_num())
+    assert got.underflow_blocks == ref.underflow_blocks and (axis == 0 or ref.underflow_blocks > 0)
+
+
+@triton_needed
 @pytest.mark.parametrize("centred", [True, False])
 @pytest.mark.parametrize("shape", [(37, 50, 24), (64, 64, 48)])
 def test_layer_equals_reference_averis_linear(centred, shape):
