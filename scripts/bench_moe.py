@@ -681,7 +681,8 @@ def report_sd(sd: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", required=True, help="JSON file to write (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--tiny", action="store_true", help="toy sizes (CPU unless --device), to validate the code path")
     p.add_argument("--tokens", type=int, default=None, help="tokens T of the experts benchmark (default 8192)")
     p.add_argument("--skip-sd", action="store_true", help="skip the SD-MoE step-time benchmark")
@@ -704,6 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--sd-steps={args.sd_steps} is not valid; allowed: an integer >= 1")
     if args.budget_s < 0:
         p.error(f"--budget-s={args.budget_s} is not valid; allowed: a number >= 0 (0: no limit)")
+    if Path(args.out).exists() and not args.overwrite:
+        p.error(f"--out={args.out!r} exists; allowed: a new path, or --overwrite to replace it (nothing was changed)")
     args.sd_precisions = precisions
     return args
 

@@ -256,6 +256,10 @@ def write_summary(out: Path, results: dict, meta: dict) -> dict:
 
 def merge(out: Path, run_dirs: list[str]) -> int:
     """Combine the results.json of runs made in parallel (e.g. one config per GPU, same arguments) into `out`."""
+    missing = [d for d in run_dirs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"--merge: {missing} hold no results.json; allowed: output directories of finished runs "
+                         "(nothing was written)")
     parts = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
     strip = lambda a: {k: v for k, v in a.items() if k not in ("out", "configs", "merge")}  # noqa: E731
     for part in parts[1:]:

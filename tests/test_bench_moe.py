@@ -92,3 +92,13 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
         script.main(["--tiny", "--out", str(tmp_path / "x.json"), "--sd-precisions", "fp8"])
     assert err.value.code == 2 and "--sd-precisions='fp8' is not valid" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_existing_results_are_not_overwritten(tmp_path, capsys):
+    script = _load_script()
+    out = tmp_path / "x.json"
+    out.write_text("{\"keep\": 1}")
+    with pytest.raises(SystemExit) as err:
+        script.main(["--tiny", "--out", str(out), "--skip-sd"])
+    assert err.value.code == 2 and f"--out={str(out)!r} exists" in capsys.readouterr().err
+    assert out.read_text() == '{"keep": 1}'

@@ -72,3 +72,6 @@ def test_merge_combines_parallel_runs(tmp_path):
     assert script.main([*common, "--configs", "nvfp4", "--seq", "32", "--out", str(tmp_path / "c")]) == 0
     with pytest.raises(SystemExit, match="same arguments"):
         script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "n")])
+    with pytest.raises(SystemExit, match="hold no results.json"):
+        script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "n")])
+    assert not (tmp_path / "n").exists()
