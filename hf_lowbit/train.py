@@ -610,7 +610,21 @@ def _make_callbacks(run_info: dict, resume: str | None):
                 if hasattr(m, "calls") and _strip(n) in calls:
                     m.calls = calls[_strip(n)]
 
-    return [JsonLogCallback(), SRStateCallback(), ThroughputCallback(run_info)]
+    class ThroughputCallback(TrainerCallback):
+        """Write the steady-state global tokens/s into run_info at the end of training (see `_Throughput`)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            warmup = min(max(2, state.max_steps // 10), max(0, state.max_steps - 1))
+            tokens = run_info["global_batch"] * run_info["block_size"]
+            self.meter = _Throughput(tokens, state.global_step + warmup)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.meter.step_end(state.global_step, state.max_steps)
+
+        def on_train_end(self, args, state, control, **kw):
+            run_info["tokens_per_s"] = self.meter.tokens_per_s()
+
+    return [JsonLogCallback(), SRStateCallback(), ThroughputCallback()]
 
 
 class _Throughput:
@@ -640,25 +654,6 @@ class _Throughput:
         if self.start is None or self.end is None or self.end[0] <= self.start[0]:
             return None
         return (self.end[0] - self.start[0]) * self.tokens_per_step / (self.end[1] - self.start[1])
-
-
-def ThroughputCallback(run_info: dict):  # noqa: N802 - a TrainerCallback factory (transformers imported lazily)
-    """TrainerCallback writing `tokens_per_s` (global, steady state) into `run_info` at the end of training."""
-    from transformers import TrainerCallback
-
-    class _Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            warmup = min(max(2, state.max_steps // 10), max(0, state.max_steps - 1))
-            tokens = run_info["global_batch"] * run_info["block_size"]
-            self.meter = _Throughput(tokens, state.global_step + warmup)
-
-        def on_step_end(self, args, state, control, **kw):
-            self.meter.step_end(state.global_step, state.max_steps)
-
-        def on_train_end(self, args, state, control, **kw):
-            run_info["tokens_per_s"] = self.meter.tokens_per_s()
-
-    return _Callback()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -249,10 +249,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
         del x, dy, lin
         torch.cuda.empty_cache()
 
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
+    _write_json(res, out)
     return res
 
 
@@ -276,15 +273,44 @@ def _bench_graph(fn, warmup=25, rep=200) -> float:
     return ms
 
 
+def _write_json(res: dict, out: str | None) -> None:
+    """Write the results JSON to `out` (no-op without a path)."""
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def _layer_pair(m: int, K: int, N: int, dev, fmt: str = "nvfp4"):
+    """A BF16 nn.Linear and a Triton LowBitLinear with the same weights, and `step(layer)`: one fwd+bwd on fixed
+    [m, K] inputs and [m, N] output gradients."""
+    import torch
+
+    from hf_lowbit.config import Recipe
+    from hf_lowbit.layers import LowBitLinear
+
+    xg = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
+    dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
+    layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format=fmt),
+                         backend="triton")
+    layer.weight.data.copy_(lin.weight.data)
+
+    def step(mod):
+        xg.grad = None
+        mod.weight.grad = None
+        mod(xg).backward(dy)
+
+    return lin, layer, step
+
+
 def run_final(out: str | None = None, m: int = 8192) -> dict:
     """Short v2 run: every headline number eager (host launches, as v1) and as a CUDA-graph replay (device time)."""
     import torch
     import torch.nn.functional as F
 
-    from hf_lowbit.config import Recipe
     from hf_lowbit.kernels.gemv import w4a16_linear
     from hf_lowbit.kernels.quantize import _stats, averis_quantize
-    from hf_lowbit.layers import LowBitLinear
     from hf_lowbit.numerics import quantize
 
     dev = torch.device("cuda")
@@ -369,26 +395,12 @@ def run_final(out: str | None = None, m: int = 8192) -> dict:
         del w
 
     K = N = 4096
-    xg = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
-    dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
-    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
-
-    def step(layer):
-        xg.grad = None
-        layer.weight.grad = None
-        layer(xg).backward(dy)
-
+    lin, layer, step = _layer_pair(m, K, N, dev)
     bfs = both("P2", f"BF16 nn.Linear fwd+bwd M={m} K={K} N={N}", lambda: step(lin))
-    layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format="nvfp4"),
-                         backend="triton")
-    layer.weight.data.copy_(lin.weight.data)
     lq = both("P2", f"LowBitLinear nvfp4 triton fwd+bwd K={K} N={N}", lambda: step(layer))
     print("P2 ratio vs BF16: " + ", ".join(f"{k} {lq[k] / bfs[k]:.2f}x" for k in lq if k in bfs))
     res["p2_ratio"] = {k: lq[k] / bfs[k] for k in lq if k in bfs}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
+    _write_json(res, out)
     return res
 
 
@@ -397,10 +409,8 @@ def run_short(out: str | None = None, m: int = 8192) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from hf_lowbit.config import Recipe
     from hf_lowbit.kernels.gemv import w4a16_linear
     from hf_lowbit.kernels.quantize import _stats, averis_quantize
-    from hf_lowbit.layers import LowBitLinear
     from hf_lowbit.numerics import quantize
 
     dev = torch.device("cuda")
@@ -438,26 +448,12 @@ def run_short(out: str | None = None, m: int = 8192) -> dict:
         add("P5", f"W4A16 nvfp4 N={N} K={K} batch=1 defaults [graph]", mq, bf16_us=mb * 1e3, speedup=mb / mq)
         del w
     K = N = 4096
-    xg = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
-    dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
-    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
-
-    def step(layer):
-        xg.grad = None
-        layer.weight.grad = None
-        layer(xg).backward(dy)
-
-    layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format="nvfp4"),
-                         backend="triton")
-    layer.weight.data.copy_(lin.weight.data)
+    lin, layer, step = _layer_pair(m, K, N, dev)
     for mode, b in (("eager", _bench), ("graph", _bench_graph)):
         mb = b(lambda: step(lin))
         mq = b(lambda: step(layer))
         add("P2", f"LowBitLinear nvfp4 fwd+bwd K=N=4096 defaults [{mode}]", mq, bf16_us=mb * 1e3, ratio_bf16=mq / mb)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
+    _write_json(res, out)
     return res
 
 

@@ -32,11 +32,12 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor, center: bool, is_nv: bool
+def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group mean over real rows (zeros when not centring) and NVFP4 tensor scale of the centred residual.
 
-    `mask` [G, L] marks real rows (None: all rows are real; padding rows must hold zeros for the mean).
+    `mask` [G, L] marks real rows (None: all rows are real; padding rows must hold zeros for the mean); `counts`
+    [G] real rows per group (only read when centring).
     ``max |z − μ|`` over a column is ``max(colmax − μ, μ − colmin)`` exactly (FP32 subtraction is monotone), so no
     centred copy is built; a non-finite maximum gives a NaN tensor scale, as in the reference.
     """
@@ -46,7 +47,7 @@ def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor
     if not is_nv:
         return mu, None
     if mask is None:
-        colmax, colmin = z.amax(1).float(), z.amin(1).float()
+        colmin, colmax = (t.float() for t in torch.aminmax(z, dim=1))  # one pass over z
     else:
         pad = ~mask.bool()[..., None]
         colmax = z.masked_fill(pad, float("-inf")).amax(1).float()
@@ -99,7 +100,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         x_row, x_col = grouped_quantize_dq(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe.format,
                                            "sr" if recipe.sr_activations else "rtn", seed31(seed, 21), row=True,
                                            col=need_wgrad, mx_scale=recipe.mx_scale)
-        w_mu, ts_w = group_stats(weight, None, torch.full((g,), n, device=x.device), False, is_nv)
+        w_mu, ts_w = group_stats(weight, None, None, False, is_nv)
         all_rows = torch.ones(g * n, device=x.device, dtype=torch.bool)
         w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, all_rows, w_mu, ts_w,
                                            recipe.format, "sr" if recipe.sr_weights else "rtn", seed31(seed, 22),

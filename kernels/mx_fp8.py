@@ -124,21 +124,23 @@ class MXFP8AverisLinear(torch.autograd.Function):
             y = y + bias.float()
         x_col = fold_mxfp4(qx.col) if need_wgrad else None
         w_col = fold_mxfp4(qw.col) if need_dgrad else None
-        ctx.save_for_backward(*(t for f in (x_col, w_col) if f is not None for t in (f.values, f.row_scale)))
-        ctx.meta = (recipe, seed, bias is not None, x2d.shape[0], weight.dtype, x_col is not None,
-                    w_col is not None, k)
-        ctx.extra = (qx.col_sum if need_wgrad else None, qx.mean_q)
+        saved = [None if x_col is None else x_col.values, None if x_col is None else x_col.row_scale,
+                 None if w_col is None else w_col.values, None if w_col is None else w_col.row_scale,
+                 qx.col_sum if need_wgrad else None, qx.mean_q]
+        ctx.has = [t is not None for t in saved]
+        ctx.save_for_backward(*[t for t in saved if t is not None])
+        ctx.meta = (recipe, seed, bias is not None, x2d.shape[0], weight.dtype, k)
         return y.to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         from hf_lowbit.kernels.quantize import averis_quantize, seed31
 
-        recipe, seed, has_bias, n_tokens, w_dtype, has_x, has_w, k = ctx.meta
-        x_sum, mu_x_q = ctx.extra
+        recipe, seed, has_bias, n_tokens, w_dtype, k = ctx.meta
         it = iter(ctx.saved_tensors)
-        x_col = FoldedFP8(next(it), next(it), 0) if has_x else None
-        w_col = FoldedFP8(next(it), next(it), 0) if has_w else None
+        xv, xs, wv, ws, x_sum, mu_x_q = [next(it) if h else None for h in ctx.has]
+        x_col = None if xv is None else FoldedFP8(xv, xs, 0)
+        w_col = None if wv is None else FoldedFP8(wv, ws, 0)
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = dy.contiguous()
         qd = averis_quantize(dy, "mxfp4", center=recipe.center_gradients,

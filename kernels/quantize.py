@@ -176,6 +176,12 @@ def _uniform(x):
 
 
 @triton.jit
+def _group_tensor_scale(tsg_ptr, grp, mask):
+    """Per-row (or per-block-row) tensor scale of a GROUPED launch, shaped [n, 1] to broadcast over blocks."""
+    return tl.load(tsg_ptr + grp, mask=mask, other=1.0)[:, None]
+
+
+@triton.jit
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
                   seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr,
@@ -230,7 +236,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             rnd = 0.0
         if IS_NV:
             if GROUPED:
-                tsr = tl.load(tsg_ptr + grp, mask=rmask, other=1.0)[:, None]
+                tsr = _group_tensor_scale(tsg_ptr, grp, rmask)
             else:
                 tsr = ts
             sbf, sbyte = _nv_block_scale(amax_b, tsr)
@@ -297,7 +303,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             rnd_o = 0.0
         if IS_NV:
             if GROUPED:
-                tsc = tl.load(tsg_ptr + grp_b, mask=grp_b < G, other=1.0)[:, None]
+                tsc = _group_tensor_scale(tsg_ptr, grp_b, grp_b < G)
             else:
                 tsc = ts
             sbf_c, sbyte_c = _nv_block_scale(amax_c, tsc)
