@@ -31,6 +31,7 @@ def _interp() -> bool:
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
               HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr):
+    """acc · (sa·sb) + vrow + u1⊗v1 + u2⊗v2 for one [BM, BN] tile (pointers already at the tile's group)."""
     mm = offs_m < M
     nm = offs_n < N
     if HAS_SCALE:
@@ -48,10 +49,25 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
 
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
-                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg,
                  NUM_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
-                 HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, ROUND_BF16: tl.constexpr, DOT_F32: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, HAS_RMASK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # axis 1 of the grid: the group (MoE expert) of a batched GEMM; its operands sit at group strides sag/sbg/scg,
+    # its scales at [g], its vectors at [g·N] / [g·M] (a dense GEMM is the one-group case)
+    grp = tl.program_id(1).to(tl.int64)
+    a_ptr += grp * sag
+    b_ptr += grp * sbg
+    c_ptr += grp * scg
+    sa_ptr += grp
+    sb_ptr += grp
+    vrow_ptr += grp * N
+    v1_ptr += grp * N
+    v2_ptr += grp * N
+    u1_ptr += grp * M
+    u2_ptr += grp * M
+    rmask_ptr += grp * M
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -85,6 +101,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
         b_ptrs += BK * sbk
     acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
                     HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2)
+    if HAS_RMASK:  # rows of padding (capacity layout) → 0, as the reference's `y * mask`
+        acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if ROUND_BF16:
         acc = bf16_rne(acc)
     cmask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -106,37 +124,48 @@ _tuned = None
 def _tuned_kernel():
     global _tuned
     if _tuned is None:
-        _tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "sam", "sak", "sbn", "sbk"])(_gemm_kernel)
+        _tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "sam", "sak", "sbn", "sbk", "sag"])(_gemm_kernel)
     return _tuned
 
 
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: torch.Tensor | None = None,
                 sb: torch.Tensor | None = None, vrow: torch.Tensor | None = None,
                 r1: tuple[torch.Tensor, torch.Tensor] | None = None,
-                r2: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """C = sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2 with a [M, K], b [N, K] (any strides), FP32 epilogue."""
-    M, K = a.shape
-    N, K2 = b.shape
-    assert K == K2, (a.shape, b.shape)
+                r2: tuple[torch.Tensor, torch.Tensor] | None = None,
+                row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """C = (sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2) · row_mask, FP32 epilogue, any strides.
+
+    Dense: a [M, K], b [N, K], scales 0-d/[1], vrow/v [N], u/row_mask [M]. Batched (MoE experts, one launch):
+    a [G, M, K], b [G, N, K], scales [G], vrow/v [G, N], u/row_mask [G, M] → C [G, M, N]."""
+    batched = a.dim() == 3
+    if not batched:
+        a, b = a[None], b[None]
+    G, M, K = a.shape
+    G2, N, K2 = b.shape
+    assert K == K2 and G == G2, (a.shape, b.shape)
     dev = a.device
-    c = torch.empty((M, N), device=dev, dtype=out_dtype)
+    c = torch.empty((G, M, N), device=dev, dtype=out_dtype)
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
     u1, v1 = r1 if r1 is not None else (dummy, dummy)
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     common = dict(HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
-                  HAS_R2=r2 is not None, ROUND_BF16=out_dtype == torch.bfloat16)
-    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            sa if sa is not None else dummy, sb if sb is not None else dummy,
-            vrow if vrow is not None else dummy, u1, v1, u2, v2)
+                  HAS_R2=r2 is not None, HAS_RMASK=row_mask is not None, ROUND_BF16=out_dtype == torch.bfloat16)
+
+    def vec(t: torch.Tensor | None) -> torch.Tensor:
+        return dummy if t is None else t.float().contiguous()
+
+    args = (a, b, c, M, N, K, a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2),
+            vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
+            a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0)
     if _interp() or a.dtype == torch.float32:
         BM, BN, BK = 32, 32, 32
-        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
             *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
             **common)
-        return c
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _tuned_kernel()[grid](*args, NUM_K=triton.cdiv(K, 64), EVEN_K=K % 64 == 0, DOT_F32=False, **common)
-    return c
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)  # noqa: E731
+        _tuned_kernel()[grid](*args, NUM_K=triton.cdiv(K, 64), EVEN_K=K % 64 == 0, DOT_F32=False, **common)
+    return c if batched else c[0]
 
 
 @triton.jit

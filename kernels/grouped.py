@@ -3,8 +3,8 @@
 Same math as the reference `hf_lowbit.averis.GroupedAverisLinearFunction` (per-group mean over the group's real
 tokens, per-group tensor scales, padding rows masked): the per-group statistics are a few torch reductions, the
 quantization of every operand is one `grouped_quantize_dq` launch writing BF16 ``code × block scale`` (exact), and
-the GEMMs are batched BF16 GEMMs with FP32 output (`aten::bmm.dtype` on CUDA) scaled by the tensor scales, plus the
-rank-1 mean terms. Quantized operands match the reference bit for bit (RTN); outputs differ only by FP32
+each GEMM is one batched Triton GEMM (`gemm.scaled_gemm`, FP32 accumulation) with the tensor scales, the rank-1 mean
+terms, the padding mask and the output cast fused in its epilogue (no FP32 [G, L, N] intermediates). Quantized operands match the reference bit for bit (RTN); outputs differ only by FP32
 accumulation order. Recipes the kernels do not cover (Hadamard, 2-D weight blocks, block_axis="last", group sizes
 that are not a multiple of the block) fall back to the reference.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
 
+from hf_lowbit.kernels.gemm import scaled_gemm
 from hf_lowbit.kernels.quantize import grouped_quantize_dq, seed31
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
 
@@ -105,14 +106,15 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, all_rows, w_mu, ts_w,
                                            recipe.format, "sr" if recipe.sr_weights else "rtn", seed31(seed, 22),
                                            row=True, col=need_dgrad, mx_scale=recipe.mx_scale)
-        w_row = w_row.view(g, n, k).transpose(1, 2)
-        y = bmm_fp32(x_row.view(g, lp, k), w_row) * _scale(ts_x, ts_w)
-        mu_x_q = None
+        w_row = w_row.view(g, n, k)
+        mu_x_q = vrow = None
         if recipe.center_activations:
             gen = make_generator(mix_seed(seed, 1), x.device) if recipe.sr_activations else None
             mu_x_q, mu_x_u, ts_mu = mean_quantized(mu_x, recipe, recipe.sr_activations, gen)
-            y = y + _rank1(mu_x_u, w_row, ts_mu, ts_w)
-        y = (y * mp[..., None])[:, :length]
+            vrow = _rank1(mu_x_u, w_row.transpose(1, 2), ts_mu, ts_w)[:, 0]
+        # one launch: tensor scales, the rank-1 mean row, the padding mask and the output cast in the epilogue
+        y = scaled_gemm(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
+                        row_mask=mp[:, :length])
         x_sum = None
         if need_wgrad:
             x_sum = x_col.view(g, lp, k).sum(1, dtype=torch.float32)
@@ -120,7 +122,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
         ctx.meta = (recipe, seed, length, lp, n, k, weight.dtype)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -144,22 +146,19 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         dx = dw = None
         if need_dgrad:
             wc = w_col.view(g, n, k)
-            dx = bmm_fp32(d_row.view(g, lp, n), wc) * _scale(ts_d, ts_w)
-            if mu_d_u is not None:
-                dx = dx + _rank1(mu_d_u, wc, ts_mud, ts_w)
-            dx = (dx * mp[..., None])[:, :length].to(dy.dtype)
+            vrow = None if mu_d_u is None else _rank1(mu_d_u, wc, ts_mud, ts_w)[:, 0]
+            dx = scaled_gemm(d_row.view(g, lp, n)[:, :length], wc.transpose(1, 2), dy.dtype, ts_d, ts_w, vrow,
+                             row_mask=mp[:, :length])
         if need_wgrad:
             dc = d_col.view(g, lp, n)
-            dw = bmm_fp32(dc.transpose(1, 2), x_col.view(g, lp, k)) * _scale(ts_d, ts_x)
             x_sum_s = x_sum * (1.0 if ts_x is None else ts_x[:, None])
+            r1 = r2 = None
             if mu_x_q is not None:
-                d_sum = dc.sum(1, dtype=torch.float32) * (1.0 if ts_d is None else ts_d[:, None])
-                dw = dw + d_sum[:, :, None] * mu_x_q[:, None, :]
+                r1 = (dc.sum(1, dtype=torch.float32) * (1.0 if ts_d is None else ts_d[:, None]), mu_x_q)
             if mu_d_q is not None:
-                dw = dw + mu_d_q[:, :, None] * x_sum_s[:, None, :]
-                if mu_x_q is not None:
-                    dw = dw + counts[:, None, None] * (mu_d_q[:, :, None] * mu_x_q[:, None, :])
-            dw = dw.to(w_dtype)
+                r2 = (mu_d_q, x_sum_s if mu_x_q is None else x_sum_s + counts[:, None] * mu_x_q)
+            dw = scaled_gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_d, ts_x,
+                             None, r1, r2)
         return dx, dw, None, None, None
 
 

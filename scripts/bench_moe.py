@@ -64,10 +64,10 @@ EXPERT_VARIANTS: dict[str, dict[str, Any]] = {
     "nvfp4_torch": {"backend": "torch"},
     "mxfp4_auto": {"format": "mxfp4"},
 }
-#: variants run with HF_LOWBIT_GROUPED_TRITON=1: the grouped Triton path (opt-in until measured here)
-GROUPED_TRITON_VARIANTS: dict[str, dict[str, Any]] = {
-    "nvfp4_grouped_triton": {},
-    "mxfp4_grouped_triton": {"format": "mxfp4"},
+#: variants run with HF_LOWBIT_GROUPED_TRITON=0: the Triton backend without its grouped path (the PyTorch reference
+#: of the experts, as before 2026-11-29); on a GPU only (on a CPU `auto` is the torch backend anyway)
+NO_GROUPED_VARIANTS: dict[str, dict[str, Any]] = {
+    "nvfp4_auto_no_grouped": {},
 }
 GROUPED_ENV = "HF_LOWBIT_GROUPED_TRITON"
 
@@ -276,7 +276,7 @@ def grouped_implementation(backend_name: str, device: torch.device) -> dict[str,
 
     backend = resolve_backend(backend_name, device)
     owner = next(c for c in type(backend).__mro__ if "grouped_linear_train" in c.__dict__)
-    accelerated = owner is not TorchBackend and os.environ.get(GROUPED_ENV) == "1"
+    accelerated = owner is not TorchBackend and os.environ.get(GROUPED_ENV) != "0"
     impl = (f"{owner.__module__}.{owner.__qualname__}" if accelerated
             else "torch reference (averis.grouped_averis_linear)")
     return {"backend_requested": backend_name, "backend_resolved": backend.name, "grouped_impl": impl,
@@ -414,12 +414,12 @@ def bench_experts(shape: ExpertShape, device: torch.device, settings: Settings, 
                grouped_impl=grouped_mm_kernel(stock.gate_up_proj), out_rel_err=0.0, dx_rel_err=0.0, ratio=1.0)
     rows.append(row)
     runner.save()
-    variants = [(n, kw, False) for n, kw in EXPERT_VARIANTS.items()]
+    variants = [(n, kw, True) for n, kw in EXPERT_VARIANTS.items()]
     if device.type == "cuda":  # on a CPU `auto` resolves to the torch backend: nothing to compare
-        variants += [(n, kw, True) for n, kw in GROUPED_TRITON_VARIANTS.items()]
+        variants += [(n, kw, False) for n, kw in NO_GROUPED_VARIANTS.items()]
     for name, kwargs, grouped in variants:
         config = hf_lowbit.LowBitConfig(**kwargs)
-        with _env(GROUPED_ENV, "1" if grouped else None):
+        with _env(GROUPED_ENV, None if grouped else "0"):
             row = {"name": name, "format": config.format, **grouped_implementation(config.backend, device)}
             measure = partial(fp4_experts_row, name, base_model, config, inputs, device, settings, y_ref, dx_ref,
                               rows[0]["median_ms"])

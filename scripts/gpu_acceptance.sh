@@ -9,7 +9,10 @@
 #   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
-#   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS)
+#   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
+#          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
+#   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4)
+# Everything under $OUT is packed into $OUT/results.tgz at the end (PACK=0: not).
 set -uo pipefail
 OUT=${OUT:-/tmp/hf_lowbit_out}
 mkdir -p "$OUT"
@@ -63,13 +66,27 @@ if has scale; then stamp scale
   # 2 GPUs first: the 1-GPU run then finds every Triton kernel in the on-disk cache (a cold 1-GPU FP4 run measured
   # JIT compilation inside its timed window: 6.8k tokens/s on 2026-11-29, vs 25.9k for 2 GPUs)
   for prec in bf16 nvfp4-averis; do
-    timeout 240 accelerate launch --config_file scripts/accelerate/ddp.yaml --num_processes 2 scripts/train.py $common \
-      --precision $prec --output-dir /tmp/s2_$prec 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+    if [ "$NGPU" -ge 2 ]; then
+      timeout 240 accelerate launch --config_file scripts/accelerate/ddp.yaml --num_processes 2 scripts/train.py $common \
+        --precision $prec --output-dir /tmp/s2_$prec 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+      cp /tmp/s2_$prec/log.json "$OUT/scale_2gpu_ddp_$prec.json"
+    fi
     CUDA_VISIBLE_DEVICES=0 timeout 240 python3 scripts/train.py $common --precision $prec --output-dir /tmp/s1_$prec 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
-    cp /tmp/s1_$prec/log.json "$OUT/scale_1gpu_$prec.json"; cp /tmp/s2_$prec/log.json "$OUT/scale_2gpu_ddp_$prec.json"
+    cp /tmp/s1_$prec/log.json "$OUT/scale_1gpu_$prec.json"
   done
-  timeout 240 accelerate launch --config_file scripts/accelerate/fsdp2.yaml --num_processes 2 scripts/train.py $common \
-    --precision nvfp4-averis --output-dir /tmp/s2f 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
-  cp /tmp/s2f/log.json "$OUT/scale_2gpu_fsdp2_nvfp4-averis.json" 2>/dev/null
+  if [ "$NGPU" -ge 2 ]; then
+    timeout 240 accelerate launch --config_file scripts/accelerate/fsdp2.yaml --num_processes 2 scripts/train.py $common \
+      --precision nvfp4-averis --output-dir /tmp/s2f 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
+    cp /tmp/s2f/log.json "$OUT/scale_2gpu_fsdp2_nvfp4-averis.json" 2>/dev/null
+  fi
+fi
+if has profile; then stamp profile
+  for fmt in nvfp4 mxfp4; do
+    timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_experts.py --format $fmt --out "$OUT/profile_experts_$fmt.txt" 2>&1 | tail -32
+  done
 fi
 stamp done
+# at most 8 files come back from the device: everything goes back as one archive (PACK=0 keeps the files as they are)
+if [ "${PACK:-1}" = 1 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
+fi

@@ -120,7 +120,7 @@ def test_stochastic_gradients_are_unbiased():
     assert (mean - exact).norm() < 0.6 * (one - exact).norm()  # averaging removes most of the SR noise
 
 
-def test_backend_uses_it_only_when_enabled(monkeypatch):
+def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
     x, mask = _inputs(2, 16, 32, seed=31, dtype=torch.float32)
     w = torch.randn(2, 32, 32, device=DEV) * 0.1
     recipe = _recipe("nvfp4", stochastic_rounding="none")
@@ -128,10 +128,10 @@ def test_backend_uses_it_only_when_enabled(monkeypatch):
     import hf_lowbit.kernels.linear as lin
 
     monkeypatch.setattr(lin, "triton_grouped_linear_train", lambda *a: calls.append(1) or grouped_averis_linear(*a))
-    monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
+    monkeypatch.setenv("HF_LOWBIT_GROUPED_TRITON", "0")
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
     assert calls == []
-    monkeypatch.setenv("HF_LOWBIT_GROUPED_TRITON", "1")
+    monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
     TritonBackend().grouped_linear_train(x, w, mask, _recipe("nvfp4", hadamard=True), 0)  # not covered: reference
     assert calls == [1]
@@ -154,7 +154,7 @@ def test_moe_model_trains_the_same_through_the_grouped_path(monkeypatch, tiny_mo
     for grouped in (False, True):
         model = load_checked(tiny_model_dir("qwen3_moe"), recipe_cfg)
         if grouped:
-            monkeypatch.setenv("HF_LOWBIT_GROUPED_TRITON", "1")
+            monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
             monkeypatch.setattr(experts_mod, "resolve_backend", lambda name, device: TritonBackend())
         model.to(DEV)
         out = model(ids.to(DEV), labels=ids.to(DEV))
@@ -165,3 +165,30 @@ def test_moe_model_trains_the_same_through_the_grouped_path(monkeypatch, tiny_mo
     assert len(calls) == 2 * 2  # two MoE layers × (gate_up, down) went through the grouped path
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert ((g - g_ref).norm() / g_ref.norm()) < 1e-4
+
+
+def test_batched_gemm_epilogue_equals_per_group_torch():
+    """`scaled_gemm` over G groups (strided, transposed operands, ragged M, N): scales, row vector, two rank-1 terms
+    and the row mask per group, as the torch formula on the same BF16 operands."""
+    from hf_lowbit.kernels.gemm import scaled_gemm
+
+    gen = torch.Generator().manual_seed(41)
+    g, m, n, k = 3, 37, 45, 64
+
+    def r(*s):
+        return torch.randn(*s, generator=gen).to(DEV)
+
+    a = r(g, m + 5, k).to(torch.bfloat16)[:, :m]                  # strided rows (padding cut off)
+    b = r(g, k, n).to(torch.bfloat16).transpose(1, 2)             # [G, N, K], transposed storage
+    sa, sb, vrow = r(g).abs(), r(g).abs(), r(g, n)
+    r1, r2 = (r(g, m), r(g, n)), (r(g, m), r(g, n))
+    mask = (torch.rand(g, m, generator=gen) > 0.3).float().to(DEV)
+    got = scaled_gemm(a, b, torch.float32, sa, sb, vrow, r1, r2, row_mask=mask)
+    ref = torch.bmm(a.float(), b.float().transpose(1, 2)) * (sa * sb)[:, None, None] + vrow[:, None, :]
+    ref = ref + r1[0][..., None] * r1[1][:, None, :] + r2[0][..., None] * r2[1][:, None, :]
+    ref = ref * mask[..., None]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert (got[mask == 0] == 0).all()
+    dense = scaled_gemm(a[1], b[1], torch.float32, sa[1], sb[1], vrow[1], (r1[0][1], r1[1][1]),
+                        (r2[0][1], r2[1][1]), row_mask=mask[1])
+    torch.testing.assert_close(dense, got[1], rtol=0, atol=0)
