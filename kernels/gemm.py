@@ -162,6 +162,11 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
         _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
             *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
             **common)
+    elif batched:  # MoE experts: M (the capacity) changes every step, so no autotuning keyed on it
+        BM, BN, BK = 128, 128, 64
+        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
+            *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=False, BM=BM, BN=BN, BK=BK, GROUP_M=8,
+            num_warps=8, num_stages=4, **common)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)  # noqa: E731
         _tuned_kernel()[grid](*args, NUM_K=triton.cdiv(K, 64), EVEN_K=K % 64 == 0, DOT_F32=False, **common)

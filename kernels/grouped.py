@@ -12,9 +12,12 @@ that are not a multiple of the block) fall back to the reference.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
@@ -33,26 +36,71 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
+@triton.jit
+def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr, min_ptr,
+                            ROWS_PER: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
+    """Partial (row split s, group, column) sum, max and min over the group's real rows (ok != 0) in rows
+    [s·ROWS_PER, (s+1)·ROWS_PER): one read of z. NaN counts as +inf in the max (a NaN group gets a non-finite
+    tensor scale, as in the reference)."""
+    grp = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    cmask = cols < K
+    acc_s = tl.zeros([BL, BK], dtype=tl.float32)
+    acc_max = tl.full([BL, BK], float("-inf"), tl.float32)
+    acc_min = tl.full([BL, BK], float("inf"), tl.float32)
+    for i in range(0, ROWS_PER, BL):
+        rows = split * ROWS_PER + i + tl.arange(0, BL)
+        ok = tl.load(ok_ptr + grp * L + rows, mask=rows < L, other=0.0) != 0
+        m = ok[:, None] & cmask[None, :]
+        x = tl.load(z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk, mask=m,
+                    other=0.0).to(tl.float32)
+        acc_s += x
+        acc_max = tl.maximum(acc_max, tl.where(m, tl.where(x != x, float("inf"), x), float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    out = (split * tl.num_programs(1) + grp) * K + cols
+    tl.store(sum_ptr + out, tl.sum(acc_s, axis=0), mask=cmask)
+    tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=cmask)
+    tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=cmask)
+
+
+def masked_col_stats(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FP32 column sum, max and min of z [G, L, K] over the rows where mask [G, L] is nonzero (one Triton pass
+    with a fixed number of rows per program, so a changing L (the MoE capacity) never recompiles it)."""
+    g, length, k = z.shape
+    ok = mask.float().contiguous()
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    rows_per, bk = (32, 64) if interp else (256, 128)
+    splits = triton.cdiv(length, rows_per)
+    part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
+    _group_col_stats_kernel[(triton.cdiv(k, bk), g, splits)](
+        z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2],
+        ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
+    if splits == 1:
+        return part[0, 0], part[1, 0], part[2, 0]
+    return part[0].sum(0), part[1].amax(0), part[2].amin(0)
+
+
 def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group mean over real rows (zeros when not centring) and NVFP4 tensor scale of the centred residual.
 
-    `mask` [G, L] marks real rows (None: all rows are real; padding rows must hold zeros for the mean); `counts`
-    [G] real rows per group (only read when centring).
-    ``max |z − μ|`` over a column is ``max(colmax − μ, μ − colmin)`` exactly (FP32 subtraction is monotone), so no
-    centred copy is built; a non-finite maximum gives a NaN tensor scale, as in the reference.
+    `mask` [G, L] marks real rows (None: all rows are real); `counts` [G] real rows per group (only read when
+    centring). ``max |z − μ|`` over a column is ``max(colmax − μ, μ − colmin)`` exactly (FP32 subtraction is
+    monotone), so no centred copy is built; a non-finite maximum gives a NaN tensor scale, as in the reference.
     """
     g, _, k = z.shape
-    mu = (z.sum(1, dtype=torch.float32) / counts.clamp(min=1)[:, None] if center
+    if mask is not None and (center or is_nv):
+        total, colmax, colmin = masked_col_stats(z, mask)
+    else:
+        total = z.sum(1, dtype=torch.float32) if center else None
+        colmin = colmax = None
+    mu = (total / counts.clamp(min=1)[:, None] if center
           else torch.zeros(g, k, device=z.device, dtype=torch.float32))
     if not is_nv:
         return mu, None
-    if mask is None:
+    if colmax is None:
         colmin, colmax = (t.float() for t in torch.aminmax(z, dim=1))  # one pass over z
-    else:
-        pad = ~mask.bool()[..., None]
-        colmax = z.masked_fill(pad, float("-inf")).amax(1).float()
-        colmin = z.masked_fill(pad, float("inf")).amin(1).float()
     amax = torch.maximum(colmax - mu, mu - colmin).amax(1).clamp(min=0)
     ts = torch.where(torch.isfinite(amax), divide_exactly(amax, NVFP4_TENSOR_SCALE_DIVISOR),
                      torch.full_like(amax, float("nan")))
