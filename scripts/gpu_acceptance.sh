@@ -6,6 +6,7 @@
 #   core   GPU test subset (kernels without the interpreter; MoE, training, SD-MoE, MH-MoE tests) with xdist
 #   demo   hf-lowbit demo (BF16 vs NVFP4 through Trainer, finalize, save, reload, generate)
 #   mhmoe  continual-learning sequence: LoRAMoE (H=1, r=9) vs MH-MoE (H=8, r=2) at matched activated parameters
+#   mhbench  scripts/bench_mhmoe.py: MH-MoE vs LoRAMoE step time, interleaved, on a 1024-wide 8-layer Qwen3 base
 #   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
@@ -40,6 +41,9 @@ if has mhmoe; then stamp mhmoe
     timeout ${MHMOE_TIMEOUT:-150} python3 scripts/continual.py --output-dir "$OUT/continual_$1" --tiny-base-dir /tmp/tiny_base \
       --num-heads $2 --r $3 ${MHMOE_ARGS:-} 2>&1 | clean | tail -12 | tee "$OUT/continual_$1.log"
   done
+fi
+if has mhbench; then stamp mhbench
+  timeout ${MHBENCH_TIMEOUT:-180} python3 scripts/bench_mhmoe.py --out "$OUT/bench_mhmoe.json" ${MHBENCH_ARGS:-} 2>&1 | grep -v Warn | tail -5 | tee "$OUT/bench_mhmoe.log"
 fi
 if has calib; then stamp calib
   timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
