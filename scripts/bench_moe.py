@@ -35,7 +35,6 @@ Times are medians/means in ms from CUDA events on a GPU (no synchronization insi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.metadata
 import json
@@ -50,7 +49,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -64,12 +63,7 @@ EXPERT_VARIANTS: dict[str, dict[str, Any]] = {
     "nvfp4_torch": {"backend": "torch"},
     "mxfp4_auto": {"format": "mxfp4"},
 }
-#: variants run with HF_LOWBIT_GROUPED_TRITON=0: the Triton backend without its grouped path (the PyTorch reference
-#: of the experts, as before 2026-11-29); on a GPU only (on a CPU `auto` is the torch backend anyway)
-NO_GROUPED_VARIANTS: dict[str, dict[str, Any]] = {
-    "nvfp4_auto_no_grouped": {},
-}
-GROUPED_ENV = "HF_LOWBIT_GROUPED_TRITON"
+GROUPED_ENV = "HF_LOWBIT_GROUPED_TRITON"  # "0" turns the Triton backend's grouped path off (not benchmarked here)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,20 +277,6 @@ def grouped_implementation(backend_name: str, device: torch.device) -> dict[str,
             "grouped_accelerated": accelerated}
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set (or, with None, unset) one environment variable for the duration of the block."""
-    old = os.environ.pop(name, None)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-        if old is not None:
-            os.environ[name] = old
-
-
 def grouped_mm_kernel(weight: torch.Tensor) -> str:
     """What torch runs for transformers' grouped_mm on this weight (inferred from transformers' and torch's dispatch
     rules: BF16 on SM90/SM100 takes the grouped kernel, anything else a per-group mm loop)."""
@@ -414,17 +394,13 @@ def bench_experts(shape: ExpertShape, device: torch.device, settings: Settings, 
                grouped_impl=grouped_mm_kernel(stock.gate_up_proj), out_rel_err=0.0, dx_rel_err=0.0, ratio=1.0)
     rows.append(row)
     runner.save()
-    variants = [(n, kw, True) for n, kw in EXPERT_VARIANTS.items()]
-    if device.type == "cuda":  # on a CPU `auto` resolves to the torch backend: nothing to compare
-        variants += [(n, kw, False) for n, kw in NO_GROUPED_VARIANTS.items()]
-    for name, kwargs, grouped in variants:
+    for name, kwargs in EXPERT_VARIANTS.items():
         config = hf_lowbit.LowBitConfig(**kwargs)
-        with _env(GROUPED_ENV, None if grouped else "0"):
-            row = {"name": name, "format": config.format, **grouped_implementation(config.backend, device)}
-            measure = partial(fp4_experts_row, name, base_model, config, inputs, device, settings, y_ref, dx_ref,
-                              rows[0]["median_ms"])
-            rows.append(row)
-            runner.run(row, measure)
+        row = {"name": name, "format": config.format, **grouped_implementation(config.backend, device)}
+        measure = partial(fp4_experts_row, name, base_model, config, inputs, device, settings, y_ref, dx_ref,
+                          rows[0]["median_ms"])
+        rows.append(row)
+        runner.run(row, measure)
     ratio = next(r for r in rows if r["name"] == "nvfp4_auto").get("ratio")
     return {"ratio_nvfp4_auto": ratio, "meets_target": None if ratio is None else ratio <= EXPERTS_TARGET_RATIO}
 

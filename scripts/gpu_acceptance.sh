@@ -7,6 +7,7 @@
 #   demo   hf-lowbit demo (BF16 vs NVFP4 through Trainer, finalize, save, reload, generate)
 #   mhmoe  continual-learning sequence: LoRAMoE (H=1, r=9) vs MH-MoE (H=8, r=2) at matched activated parameters
 #   mhbench  scripts/bench_mhmoe.py: MH-MoE vs LoRAMoE step time, interleaved, on a 1024-wide 8-layer Qwen3 base
+#   sdpretrain  scripts/sd_moe_pretrain.py at GPU size: baseline MoE vs SD-MoE at LR and 4x LR (SDP_ARGS)
 #   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
@@ -44,6 +45,9 @@ if has mhmoe; then stamp mhmoe
 fi
 if has mhbench; then stamp mhbench
   timeout ${MHBENCH_TIMEOUT:-180} python3 scripts/bench_mhmoe.py --out "$OUT/bench_mhmoe.json" ${MHBENCH_ARGS:-} 2>&1 | grep -v Warn | tail -5 | tee "$OUT/bench_mhmoe.log"
+fi
+if has sdpretrain; then stamp sdpretrain
+  timeout ${SDP_TIMEOUT:-200} python3 scripts/sd_moe_pretrain.py --output-dir "$OUT/sd_moe_pretrain" ${SDP_ARGS:---steps 600 --eval-every 100} 2>&1 | tail -12 | tee "$OUT/sd_moe_pretrain.log"
 fi
 if has calib; then stamp calib
   timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
