@@ -9,7 +9,9 @@ experts, plus a full-size per-expert ``W_u⁽ⁱ⁾``. With ``U_k, V_k`` the top
     W_c.grad ← W_c.grad − DC(W_c.grad)          # Σᵢ P_U G⁽ⁱ⁾ + (I−P_U) G⁽ⁱ⁾ P_V
 
 (autograd already gives ``W_c.grad = Σᵢ G⁽ⁱ⁾``), batched over experts in O(m·n·k); ``U_k, V_k`` are refreshed by
-an FP32 SVD of ``W_c`` every ``refresh_every`` optimizer steps.
+an FP32 SVD of ``W_c`` every ``refresh_every`` optimizer steps. Both are launch-bound at small sizes: the rule runs
+as a few batched GEMMs on stacked gradients (gate and up together; at model level all same-shape modules, see
+`GROUP_NUMEL`) and a refresh as one batched SVD of all the modules' ``W_c``.
 
 Module: `SDMoEExperts`, a `LowBitExperts` subclass whose `expert_weights()` returns ``W_c + W_u``; with
 ``recipe=None`` the forward is the stock experts' math, with a recipe the FP4 GEMMs see the combined weight.
@@ -62,6 +64,130 @@ def double_complement(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torc
     x = x.float()
     a = x - u @ (u.transpose(0, 1) @ x)
     return a - (a @ v) @ v.transpose(0, 1)
+
+
+#: `project_gradients(model)` stacks the gradients of same-shape SD-MoE modules into one batched problem (for
+#: launch-bound small models: ~20 kernels instead of ~60 a module) while a stack holds at most this many FP32
+#: elements (128 MiB); modules with more than a quarter of it are projected one by one, W_u in place (bandwidth-
+#: bound: the stack's two extra copies would cost more). On the CPU nothing is launch-bound: a smaller limit.
+GROUP_NUMEL = 1 << 25
+GROUP_NUMEL_CPU = 1 << 20
+
+#: (module, matrix types, repeats): the bases of ``repeats`` consecutive matrices of a batched problem; with two
+#: types (gate, up) the matrices alternate (the [E, 2I, H] ``gate_up_proj`` seen as [2E, I, H]).
+_Part = tuple["SDMoEExperts", tuple[str, ...], int]
+
+
+def _dc_factors(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = Uᵀ X`` and ``B = (I − U Uᵀ) X V`` for batched FP32 ``X [N, m, n]``, ``U [N, m, k]``, ``V [N, n, k]``, so
+    that ``DC(X) = X − U A − B Vᵀ`` and ``X − DC(X) = U A + B Vᵀ`` (4 batched GEMMs, no [N, m, n] temporary)."""
+    a = torch.bmm(u.mT, x)
+    b = torch.bmm(x, v)
+    b.baddbmm_(u, torch.bmm(a, v), alpha=-1)
+    return a, b
+
+
+def _stacked_bases(owner: "SDMoEExperts", slot: Any, parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """U [N, m, k], V [N, n, k] of a batched problem laid out as ``parts``; cached on ``owner`` under ``slot`` until
+    one of the bases is replaced or modified (i.e. until the next refresh)."""
+    sig = tuple((id(mod), ms, reps) for mod, ms, reps in parts)
+    src = [t for mod, ms, _ in parts for m in ms for t in mod.bases(m)]
+    ver = [t._version for t in src]
+    cache = owner.__dict__.setdefault("_stacks", {})
+    hit = cache.get(slot)
+    if hit is not None and hit[0] == sig and hit[2] == ver and all(a is b for a, b in zip(hit[1], src)):
+        return hit[3], hit[4]
+    us = [mod.bases(m)[0] for mod, ms, reps in parts for _ in range(reps) for m in ms]
+    vs = [mod.bases(m)[1] for mod, ms, reps in parts for _ in range(reps) for m in ms]
+    u, v = torch.stack(us), torch.stack(vs)
+    cache[slot] = (sig, src, ver, u, v)
+    return u, v
+
+
+@torch.no_grad()
+def _project_stack(owner: "SDMoEExperts", slot: Any, uniques: list[tuple[torch.Tensor, _Part]],
+                   commons: list[tuple[torch.Tensor, _Part]]) -> None:
+    """Gradient rule for same-shape matrices as one batched problem: each ``(grad, part)`` of ``uniques`` gets
+    ``DC(grad)``, of ``commons`` ``grad − DC(grad)``. FP32 math on one stacked working copy, written back at once
+    (in place, without a copy, for a single contiguous FP32 unique gradient)."""
+    items = uniques + commons
+    if not items:
+        return
+    mod, ms, _ = items[0][1]
+    shape = mod._shape(ms[0])
+    counts = [reps * len(ms) for _, (_, ms, reps) in items]
+    grads = [g for g, _ in items]
+    alias = len(items) == 1 and not commons and grads[0].dtype == torch.float32 and grads[0].is_contiguous()
+    if len(items) == 1:
+        x = grads[0].reshape(counts[0], *shape).float()  # a view of the gradient only when FP32 and contiguous
+    else:
+        x = torch.cat([g.reshape(c, *shape) for g, c in zip(grads, counts)]).float()
+    u, v = _stacked_bases(owner, slot, [part for _, part in items])
+    a, b = _dc_factors(x, u, v)
+    nu = sum(counts[:len(uniques)])
+    out = []
+    if nu:
+        xu = x[:nu].baddbmm_(u[:nu], a[:nu], alpha=-1).baddbmm_(b[:nu], v[:nu].mT, alpha=-1)
+        if alias:
+            return
+        out += xu.split(counts[:len(uniques)])
+    if nu < x.shape[0]:
+        out += torch.bmm(u[nu:], a[nu:]).baddbmm_(b[nu:], v[nu:].mT).split(counts[len(uniques):])
+    torch._foreach_copy_(grads, [o.view(g.shape) for o, g in zip(out, grads)])
+
+
+def _batches(modules: list["SDMoEExperts"]) -> Iterator[list["SDMoEExperts"]]:
+    """Modules of equal shapes, rank and device, in runs of at most `GROUP_NUMEL` gate/up gradient elements
+    (single modules when one has more than a quarter of it)."""
+    groups: dict[tuple, list[SDMoEExperts]] = {}
+    for mod in modules:
+        key = (mod.num_experts, mod.intermediate_dim, mod.hidden_dim, mod.rank, mod.gate_up_proj.device)
+        groups.setdefault(key, []).append(mod)
+    for (e, i, h, _, device), mods in groups.items():
+        per = (GROUP_NUMEL_CPU if device.type == "cpu" else GROUP_NUMEL) // ((2 * e + 2) * i * h)
+        per = per if per >= 4 else 1
+        for start in range(0, len(mods), per):
+            yield mods[start:start + per]
+
+
+@torch.no_grad()
+def _project_modules(mods: list["SDMoEExperts"]) -> None:
+    """The gradient rule for same-shape modules: one batched problem for the gate/up matrices, one for down."""
+    for key, ms in (("gate_up", ("gate", "up")), ("down", ("down",))):
+        uniques = [(mod.gate_up_proj.grad if key == "gate_up" else mod.down_proj.grad, (mod, ms, mod.num_experts))
+                   for mod in mods]
+        commons = [(mod.common(m).grad, (mod, (m,), 1)) for mod in mods for m in ms]
+        _project_stack(mods[0], ("modules", key), [t for t in uniques if t[0] is not None],
+                       [t for t in commons if t[0] is not None])
+
+
+@torch.no_grad()
+def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = None) -> None:
+    """`SDMoEExperts.refresh` of several modules: one batched FP32 SVD per (shape, device) of all their W_c, each
+    seen tall (wide ones transposed: the same singular triplets with U and V swapped; tall is faster in LAPACK)."""
+    groups: dict[tuple, list[SDMoEExperts]] = {}
+    for mod in mods:
+        groups.setdefault((mod.intermediate_dim, mod.hidden_dim, mod.common_gate.device), []).append(mod)
+    for (i, h, _), group in groups.items():
+        flip = {m: (h if m == "down" else i) < (i if m == "down" else h) for m in SD_MATRICES}
+        w = torch.stack([mod.common(m).detach().float().mT if flip[m] else mod.common(m).detach().float()
+                         for mod in group for m in SD_MATRICES])                       # [3M, max(I,H), min(I,H)]
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        k = max(mod.rank for mod in group)
+        uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
+        for j, mod in enumerate(group):
+            fold = mod.fold_residual if fold_residual is None else fold_residual
+            r = mod.rank
+            for t, m in enumerate(SD_MATRICES):
+                n = 3 * j + t
+                bu, bv = (vk[n, :, :r], uk[n, :, :r]) if flip[m] else (uk[n, :, :r], vk[n, :, :r])
+                if fold:
+                    wc = mod.common(m)
+                    low = (bu * s[n, :r]) @ bv.transpose(0, 1)
+                    mod.unique(m).add_((wc.float() - low).to(mod.gate_up_proj.dtype))
+                    wc.copy_(low.to(wc.dtype))
+                mod._set_bases(m, bu, bv)
+            mod.refreshes += 1
 
 
 def _top_k(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,37 +312,27 @@ class SDMoEExperts(LowBitExperts):
         setattr(self, f"sd_v_{m}", v.float().contiguous())
 
     # -- the SD-MoE rules --------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def refresh(self, fold_residual: bool | None = None) -> None:
-        """Recompute U_k, V_k by an FP32 SVD of each W_c (optionally moving W_c's beyond-rank-k part into W_u)."""
-        fold = self.fold_residual if fold_residual is None else fold_residual
-        for m in SD_MATRICES:
-            wc = self.common(m)
-            u, s, vh = torch.linalg.svd(wc.detach().float(), full_matrices=False)
-            uk, vk = u[:, :self.rank], vh[:self.rank].transpose(0, 1)
-            if fold:
-                low = (uk * s[:self.rank]) @ vk.transpose(0, 1)
-                self.unique(m).add_((wc.float() - low).to(self.gate_up_proj.dtype))
-                wc.copy_(low.to(wc.dtype))
-            self._set_bases(m, uk, vk)
-        self.refreshes += 1
+        """Recompute U_k, V_k by an FP32 SVD of each W_c (optionally moving W_c's beyond-rank-k part into W_u);
+        one batched SVD for the three matrices."""
+        _refresh_modules([self], fold_residual)
 
-    @torch.no_grad()
-    def project_unique_grad(self) -> None:
-        for m in SD_MATRICES:
-            g = self._unique_grad(m)
-            if g is not None:
-                g.copy_(double_complement(g, *self.bases(m)).to(g.dtype))
+    def project_unique_grad(self, param: str | None = None) -> None:
+        """W_u.grad ← DC(W_u.grad) for ``param`` (``"gate_up_proj"``: gate and up in one batched op,
+        ``"down_proj"``) or both (None)."""
+        for name, ms in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            g = getattr(self, name).grad
+            if param in (None, name) and g is not None:
+                _project_stack(self, name, [(g, (self, ms, self.num_experts))], [])
 
-    @torch.no_grad()
-    def project_common_grad(self) -> None:
-        for m in SD_MATRICES:
-            g = self.common(m).grad
-            if g is not None:
-                g.copy_((g.float() - double_complement(g, *self.bases(m))).to(g.dtype))
+    def project_common_grad(self, m: str | None = None) -> None:
+        """W_c.grad ← W_c.grad − DC(W_c.grad) for matrix type ``m`` or all three (None; gate and up batched)."""
+        for ms in (("gate", "up"), ("down",)):
+            todo = [(self.common(t).grad, (self, (t,), 1)) for t in ms if m in (None, t)]
+            _project_stack(self, ("common",) + ms if m is None else m, [], [x for x in todo if x[0] is not None])
 
     def project_gradients(self) -> None:
-        """W_u.grad ← DC(W_u.grad), W_c.grad ← W_c.grad − DC(W_c.grad) (idempotent)."""
+        """W_u.grad ← DC(W_u.grad), W_c.grad ← W_c.grad − DC(W_c.grad) (idempotent); W_u in place when FP32."""
         self.project_unique_grad()
         self.project_common_grad()
 
@@ -238,24 +354,30 @@ class SDMoEExperts(LowBitExperts):
             new.copy_((old.float() + delta).to(new.dtype))
         self.__dict__["_snapshot"] = None
 
-    def after_optimizer_step(self, step: int | None = None) -> bool:
-        """Ablation (if on) + step counting + refresh on schedule; returns True when the bases were refreshed."""
+    def _count_step(self, step: int | None) -> bool:
+        """Ablation (if on) + step counting; True when a refresh is due."""
         if self.project_updates:
             self.project_update()
         self.optimizer_steps = self.optimizer_steps + 1 if step is None else step
-        if self.optimizer_steps % self.refresh_every == 0:
+        return self.optimizer_steps % self.refresh_every == 0
+
+    def after_optimizer_step(self, step: int | None = None) -> bool:
+        """Ablation (if on) + step counting + refresh on schedule; returns True when the bases were refreshed."""
+        if self._count_step(step):
             self.refresh()
             return True
         return False
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
+        """Post-accumulate-grad hooks that apply the gradient rule after every backward; each projects only its
+        own parameter's gradient (``gate_up_proj``: gate and up), so every gradient is projected once."""
         if self.__dict__["_hooks"]:
             return
-        hooks = [self.gate_up_proj.register_post_accumulate_grad_hook(lambda p: self.project_unique_grad()),
-                 self.down_proj.register_post_accumulate_grad_hook(lambda p: self.project_unique_grad())]
-        for m in SD_MATRICES:
-            hooks.append(self.common(m).register_post_accumulate_grad_hook(lambda p: self.project_common_grad()))
+        hooks = [getattr(self, n).register_post_accumulate_grad_hook(lambda p, n=n: self.project_unique_grad(n))
+                 for n in ("gate_up_proj", "down_proj")]
+        hooks += [self.common(m).register_post_accumulate_grad_hook(lambda p, m=m: self.project_common_grad(m))
+                  for m in SD_MATRICES]
         self.__dict__["_hooks"] = hooks
 
     def remove_hooks(self) -> None:
@@ -374,22 +496,30 @@ def fold_sd_moe(model: nn.Module) -> list[str]:
 
 
 def project_gradients(model: nn.Module) -> None:
-    """Apply the SD-MoE gradient rule to every SD-MoE module (after backward/accumulation, before clipping)."""
-    for _, module in sd_modules(model):
-        module.project_gradients()
+    """Apply the SD-MoE gradient rule to every SD-MoE module (after backward/accumulation, before clipping).
+    Same-shape modules are projected together: two batched problems (gate/up, down) per `GROUP_NUMEL` batch."""
+    mods = [module for _, module in sd_modules(model)]
+    for batch in _batches(mods):
+        if len(batch) > 1:
+            _project_modules(batch)
+        else:
+            batch[0].project_gradients()
+    for module in mods:
         if module.project_updates:
             module.snapshot()
 
 
 def refresh_bases(model: nn.Module, fold_residual: bool | None = None) -> None:
-    """Recompute U_k, V_k of every W_c now (FP32 SVD)."""
-    for _, module in sd_modules(model):
-        module.refresh(fold_residual)
+    """Recompute U_k, V_k of every W_c now (one batched FP32 SVD per matrix shape)."""
+    _refresh_modules([module for _, module in sd_modules(model)], fold_residual)
 
 
 def after_optimizer_step(model: nn.Module, step: int | None = None) -> bool:
-    """Call after each ``optimizer.step()``: counts steps and refreshes every ``refresh_every`` (+ ablations)."""
-    return any([module.after_optimizer_step(step) for _, module in sd_modules(model)])
+    """Call after each ``optimizer.step()``: counts steps and refreshes every ``refresh_every`` (+ ablations);
+    the modules due refresh together (batched SVD). Returns True when any module refreshed."""
+    due = [module for _, module in sd_modules(model) if module._count_step(step)]
+    _refresh_modules(due)
+    return bool(due)
 
 
 @contextlib.contextmanager

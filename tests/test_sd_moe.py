@@ -215,3 +215,100 @@ def test_sd_fp4_trains_reloads_and_finalizes(tiny_model_dir, tmp_path):
     with torch.no_grad():
         got = packed(ids).logits
     assert torch.isfinite(got).all() and (got - want).abs().max() < 0.5 * want.abs().max()
+
+
+def _random_grads(model, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _, mod in sd_modules(model):
+        for p in mod.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+
+
+def _reference(mod, name, g):
+    """The gradient rule for parameter ``name`` of ``mod`` on gradient ``g``, from `double_complement`."""
+    if name.startswith("common_"):
+        m = name[len("common_"):]
+        return g.float() - double_complement(g, *mod.bases(m))
+    return torch.cat([double_complement(_raw(mod, m, g), *mod.bases(m))
+                      for m in (("gate", "up") if name == "gate_up_proj" else ("down",))], 1)
+
+
+def test_hooks_project_each_gradient_once(monkeypatch):
+    import hf_lowbit.model_patches.sd_moe as sd_moe
+
+    model = stock("qwen3_moe")
+    apply_sd_moe(model, rank=4, init="project")
+    seen = []
+    real = sd_moe._project_stack
+
+    def spy(owner, slot, uniques, commons):
+        seen.extend(g for g, _ in uniques + commons)
+        return real(owner, slot, uniques, commons)
+
+    monkeypatch.setattr(sd_moe, "_project_stack", spy)
+    with install_gradient_hooks(model):
+        model(_ids(), labels=_ids()).loss.backward()
+    params = [p for _, mod in sd_modules(model) for p in mod.parameters()]
+    assert len(params) == 10 and all(p.grad is not None for p in params)
+    assert len(seen) == len(params) and all(sum(g is p.grad for g in seen) == 1 for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_model_projection_equals_per_module(monkeypatch, dtype):
+    import hf_lowbit.model_patches.sd_moe as sd_moe
+
+    model = stock("qwen3_moe").to(dtype)
+    apply_sd_moe(model, rank=4, init="project")
+    _random_grads(model, dtype)
+    raw = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    per_module, small = copy.deepcopy(model), copy.deepcopy(model)
+    for copied in (per_module, small):
+        for n, p in copied.named_parameters():
+            p.grad = raw[n].clone() if n in raw else None
+    batches = []
+    monkeypatch.setattr(sd_moe, "_project_modules",
+                        lambda mods, real=sd_moe._project_modules: (batches.append(len(mods)), real(mods)))
+    project_gradients(model)                                     # both MoE layers in one batched problem
+    assert batches == [2]
+    for _, mod in sd_modules(per_module):
+        mod.project_gradients()                                  # one module at a time, W_u per parameter
+    monkeypatch.setattr(sd_moe, "GROUP_NUMEL", 0)
+    monkeypatch.setattr(sd_moe, "GROUP_NUMEL_CPU", 0)
+    project_gradients(small)                                     # no stacking: the per-module route
+    assert batches == [2]
+    ulp = 1e-6 if dtype == torch.float32 else 2 ** -7            # FP32 rounding / one BF16 ulp (of the largest)
+    mods = {n: m for n, m in sd_modules(model)}
+    for name, p in model.named_parameters():
+        if name not in raw:
+            continue
+        mod_name, pname = name.rsplit(".", 1)
+        want = _reference(mods[mod_name], pname, raw[name])
+        atol = ulp * float(raw[name].abs().max())
+        assert p.grad.dtype == dtype and torch.allclose(p.grad.float(), want, atol=atol, rtol=0)
+        for other in (per_module, small):
+            assert torch.allclose(p.grad, other.get_parameter(name).grad, atol=atol, rtol=0)
+    project_gradients(model)                                     # idempotent (bases served from the cache)
+    for name, p in model.named_parameters():
+        if name in raw:
+            mod_name, pname = name.rsplit(".", 1)
+            assert torch.allclose(p.grad.float(), _reference(mods[mod_name], pname, raw[name]),
+                                  atol=2 * ulp * float(raw[name].abs().max()), rtol=0)
+
+
+def test_batched_refresh_matches_per_matrix_svd():
+    model = stock("qwen3_moe")
+    apply_sd_moe(model, rank=4, init="project")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, mod in sd_modules(model):
+            for m in SD_MATRICES:
+                mod.common(m).add_(torch.randn(mod.common(m).shape, generator=g))
+    refresh_bases(model)
+    for _, mod in sd_modules(model):
+        assert mod.refreshes == 1
+        for m in SD_MATRICES:
+            u, s, vh = torch.linalg.svd(mod.common(m).detach(), full_matrices=False)
+            bu, bv = mod.bases(m)
+            assert bu.shape == (mod.common(m).shape[0], 4) and bv.shape == (mod.common(m).shape[1], 4)
+            assert torch.allclose(bu @ bu.T, u[:, :4] @ u[:, :4].T, atol=1e-5)   # same subspaces (signs free)
+            assert torch.allclose(bv @ bv.T, vh[:4].T @ vh[:4], atol=1e-5)
