@@ -107,6 +107,7 @@ class Settings:
     target_s: float = 2.0      # ... aiming at this much timed time per variant
     sd_warmup: int = 16        # training steps before the timed window
     sd_steps: int = 48         # timed training steps (a multiple of refresh_every)
+    sd_accum: int = 1          # micro-batches (forward + backward) per optimizer step
     refresh_every: int = 16
     sd_rank: int = 8
     sd_precisions: tuple[str, ...] = ("autocast", "bf16")
@@ -490,8 +491,9 @@ def sd_refreshes(model: nn.Module) -> int | None:
 
 
 def train_steps(model: nn.Module, ids: torch.Tensor, precision: str, device: torch.device, warmup: int,
-                steps: int) -> dict[str, Any]:
-    """Warmup + timed training steps; per-phase times from marks on the device timeline (one sync at the end)."""
+                steps: int, accum: int = 1) -> dict[str, Any]:
+    """Warmup + timed optimizer steps of `accum` micro-batches each; per-phase times from marks on the device
+    timeline (one sync at the end). The SD-MoE rule and refresh run once per optimizer step, as in training."""
     import hf_lowbit
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -500,9 +502,10 @@ def train_steps(model: nn.Module, ids: torch.Tensor, precision: str, device: tor
     losses: list[torch.Tensor] = []
 
     def step(mark: Callable[[], None]) -> None:
-        with autocast_for(precision, device):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(accum):
+            with autocast_for(precision, device):
+                loss = model(input_ids=ids, labels=ids).loss
+            (loss / accum).backward()
         mark()
         if sd:
             hf_lowbit.project_gradients(model)  # the SD-MoE gradient rule, before clipping
@@ -552,7 +555,7 @@ def lm_row(name: str, precision: str, shape: LMShape, ids: torch.Tensor, device:
         row.update(grouped_implementation(experts.backend, device))
     elif not hasattr(experts, "recipe"):
         row["grouped_impl"] = grouped_mm_kernel(experts.gate_up_proj)
-    row.update(train_steps(model, ids, precision, device, settings.sd_warmup, settings.sd_steps))
+    row.update(train_steps(model, ids, precision, device, settings.sd_warmup, settings.sd_steps, settings.sd_accum))
     return row
 
 
@@ -563,7 +566,8 @@ def bench_sd(shape: LMShape, device: torch.device, settings: Settings, runner: R
     g = torch.Generator().manual_seed(settings.seed + 3)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
     rows: list[dict[str, Any]] = []
-    section.update(model=asdict(shape), tokens_per_step=shape.batch * shape.seq, warmup_steps=settings.sd_warmup,
+    section.update(model=asdict(shape), tokens_per_step=shape.batch * shape.seq * settings.sd_accum,
+                   micro_batches_per_step=settings.sd_accum, warmup_steps=settings.sd_warmup,
                    timed_steps=settings.sd_steps, refresh_every=settings.refresh_every, sd_rank=settings.sd_rank,
                    optimizer="AdamW(lr=1e-4), clip_grad_norm_(1.0)", target_overhead_pct=SD_TARGET_OVERHEAD_PCT,
                    results=rows)
@@ -667,6 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sd-precisions", default="autocast,bf16", help="comma list of autocast, bf16")
     p.add_argument("--sd-steps", type=int, default=None,
                    help="timed training steps (default 48; tiny 4); keep it a multiple of the refresh period (16)")
+    p.add_argument("--sd-accum", type=int, default=1,
+                   help="micro-batches (of 8 x 512 tokens) per optimizer step in the SD-MoE benchmark (default 1)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; --tiny: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=180.0,
@@ -679,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--tokens={args.tokens} is not valid; allowed: an integer >= 1")
     if args.sd_steps is not None and args.sd_steps < 1:
         p.error(f"--sd-steps={args.sd_steps} is not valid; allowed: an integer >= 1")
+    if args.sd_accum < 1:
+        p.error(f"--sd-accum={args.sd_accum} is not valid; allowed: an integer >= 1")
     if args.budget_s < 0:
         p.error(f"--budget-s={args.budget_s} is not valid; allowed: a number >= 0 (0: no limit)")
     if Path(args.out).exists() and not args.overwrite:
@@ -690,7 +698,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_settings(args: argparse.Namespace) -> tuple[Settings, ExpertShape, LMShape]:
     """Sizes and measuring effort for the chosen mode."""
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    common = dict(device=device, sd_precisions=args.sd_precisions, sd_fp4=not args.skip_sd_fp4, seed=args.seed)
+    common = dict(device=device, sd_precisions=args.sd_precisions, sd_fp4=not args.skip_sd_fp4, seed=args.seed,
+                  sd_accum=args.sd_accum)
     if args.tiny:
         settings = Settings(warmup=1, min_reps=3, max_reps=10, target_s=0.1, sd_warmup=2,
                             sd_steps=args.sd_steps or 4, refresh_every=2, sd_rank=4, **common)

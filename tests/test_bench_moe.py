@@ -102,3 +102,19 @@ def test_existing_results_are_not_overwritten(tmp_path, capsys):
         script.main(["--tiny", "--out", str(out), "--skip-sd"])
     assert err.value.code == 2 and f"--out={str(out)!r} exists" in capsys.readouterr().err
     assert out.read_text() == '{"keep": 1}'
+
+
+def test_sd_accumulation_counts_micro_batches(tmp_path):
+    """--sd-accum 2: the SD-MoE rows train with two micro-batches per optimizer step (tokens per step doubled), and
+    the refresh still follows optimizer steps."""
+    out = tmp_path / "accum.json"
+    bench = _load_script()
+    assert bench.main(["--tiny", "--out", str(out), "--budget-s", "0", "--skip-experts", "--skip-sd-fp4",
+                       "--sd-precisions", "autocast", "--sd-accum", "2"]) == 0
+    sd = json.loads(out.read_text())["sd_moe"]
+    assert sd["micro_batches_per_step"] == 2 and sd["tokens_per_step"] == 2 * 2 * 32
+    rows = {r["name"]: r for r in sd["results"]}
+    assert rows["sd"]["refreshes_timed"] == sd["timed_steps"] // sd["refresh_every"]
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--out", str(tmp_path / "bad.json"), "--sd-accum", "0"])
+    assert not (tmp_path / "bad.json").exists()
