@@ -122,3 +122,18 @@ def bf16_rne(v):
     b = v.to(tl.int32, bitcast=True)
     r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
     return tl.where(v != v, v, r)
+
+
+@triton.jit
+def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of this program's [BM, BN] output tile, tiles visited in GROUP_M-row bands (L2 reuse
+    of the B operand across neighbouring programs), from the linear program id on grid axis 0."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne
+from hf_lowbit.kernels._common import bf16_rne, tile_offsets
 
 __all__ = ["fp8_rowscaled_gemm", "fp8_rowscaled_matvec", "mx_row_scales", "IMPRECISE_ACC", "MX_BLOCK"]
 
@@ -52,17 +52,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, vn_ptr, vm_ptr, u1_ptr
                      HAS_VN: tl.constexpr, HAS_VM: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
                      ROUND_BF16: tl.constexpr, IMPRECISE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
     # ragged M, N: wrap the loads onto valid rows (no masks in the K loop), mask only the store
     am = offs_m % M
     bn = offs_n % N

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne
+from hf_lowbit.kernels._common import bf16_rne, tile_offsets
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
@@ -68,17 +68,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
     u1_ptr += grp * M
     u2_ptr += grp * M
     rmask_ptr += grp * M
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
     am = offs_m % M
     bn = offs_n % N
     offs_k = tl.arange(0, BK)
