@@ -137,3 +137,11 @@ def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def add_outer(acc, u_ptr, v_ptr, offs_m, offs_n, mm, nm):
+    """acc + u[m] v[n] on one [BM, BN] tile (the rank-1 Averis mean terms of a GEMM epilogue); masked rows and
+    columns read zeros."""
+    return acc + tl.load(u_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v_ptr + offs_n, mask=nm,
+                                                                                other=0.0)[None, :]

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, tile_offsets
 
 __all__ = ["fp8_rowscaled_gemm", "fp8_rowscaled_matvec", "mx_row_scales", "IMPRECISE_ACC", "MX_BLOCK"]
 
@@ -75,11 +75,9 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, vn_ptr, vm_ptr, u1_ptr
     if HAS_VM:
         acc += tl.load(vm_ptr + offs_m, mask=mm, other=0.0)[:, None]
     if HAS_R1:
-        acc += tl.load(u1_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v1_ptr + offs_n, mask=nm,
-                                                                                other=0.0)[None, :]
+        acc = add_outer(acc, u1_ptr, v1_ptr, offs_m, offs_n, mm, nm)
     if HAS_R2:
-        acc += tl.load(u2_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v2_ptr + offs_n, mask=nm,
-                                                                                other=0.0)[None, :]
+        acc = add_outer(acc, u2_ptr, v2_ptr, offs_m, offs_n, mm, nm)
     if ROUND_BF16:
         acc = bf16_rne(acc)
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, tile_offsets
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
@@ -39,11 +39,9 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
     if HAS_VROW:
         acc += tl.load(vrow_ptr + offs_n, mask=nm, other=0.0)[None, :]
     if HAS_R1:
-        acc += tl.load(u1_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v1_ptr + offs_n, mask=nm,
-                                                                                other=0.0)[None, :]
+        acc = add_outer(acc, u1_ptr, v1_ptr, offs_m, offs_n, mm, nm)
     if HAS_R2:
-        acc += tl.load(u2_ptr + offs_m, mask=mm, other=0.0)[:, None] * tl.load(v2_ptr + offs_n, mask=nm,
-                                                                                other=0.0)[None, :]
+        acc = add_outer(acc, u2_ptr, v2_ptr, offs_m, offs_n, mm, nm)
     return acc
 
 
