@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import site
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 import torch
 
 import hf_lowbit
-from hf_lowbit.demo import demo_text, train_tokenizer
+from hf_lowbit.corpus import SOURCES, load_text, tokenize_chunked
+from hf_lowbit.demo import train_tokenizer
 
 #: precision name → LowBitConfig arguments (None = high precision: BF16 autocast on a GPU, FP32 on a CPU)
 RECIPES = {
@@ -45,39 +45,8 @@ RECIPES = {
 }
 
 
-def site_packages_text(max_bytes: int) -> str:
-    """Concatenated .py files of the installed site-packages, sorted by path, up to `max_bytes`."""
-    roots = sorted({Path(p) for p in site.getsitepackages() if Path(p).is_dir()})
-    chunks, total = [], 0
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            chunks.append(text)
-            total += len(text)
-            if total >= max_bytes:
-                return "\n".join(chunks)
-    return "\n".join(chunks)
-
-
-def tokenize_chunked(tokenizer, text: str, chunk_chars: int = 1 << 20) -> torch.Tensor:
-    """Token ids of `text`, tokenized as a batch of ~1 MB pieces cut at newlines (the fast tokenizer runs a batch in
-    parallel; one huge string runs on one core)."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + chunk_chars)
-        cut = text.rfind("\n", start, end) + 1 if end < len(text) else end
-        end = cut if cut > start else end
-        pieces.append(text[start:end])
-        start = end
-    ids = tokenizer(pieces)["input_ids"]
-    return torch.tensor([i for piece in ids for i in piece], dtype=torch.long)
-
-
 def build_data(args, device: str):
-    text = demo_text() if args.data == "shakespeare" else site_packages_text(args.max_bytes)
+    text = load_text(args.data, args.max_bytes)
     tokenizer = train_tokenizer(text[: 4_000_000], vocab_size=args.vocab)
     ids = tokenize_chunked(tokenizer, text)
     n_eval = max(args.seq * args.eval_batches * args.batch, len(ids) // 50)
@@ -192,7 +161,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--configs", default="bf16,nvfp4,nvfp4-averis",
                    help=f"comma-separated, from {list(RECIPES)}")
-    p.add_argument("--data", default="shakespeare", choices=["shakespeare", "site-packages"])
+    p.add_argument("--data", default="shakespeare", choices=SOURCES)
     p.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)

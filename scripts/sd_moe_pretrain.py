@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """From-scratch MoE pretraining: baseline MoE vs SD-MoE (ALGORITHMS.md §3), at a base LR and at `--lr-mult`× it.
 
-Real text: the Shakespeare corpus shipped in `hf_lowbit/data` with a byte-level BPE tokenizer trained on it
-(`hf_lowbit.demo`). Model: a Qwen3-MoE (or `--family qwen2_moe`) random init, identical for every run; SD-MoE runs
+Real text, offline (`hf_lowbit.corpus`): the Shakespeare shipped in `hf_lowbit/data` (`--data shakespeare`, the
+`--tiny` default; 200 KB, too little for the GPU size) or the installed site-packages' Python source
+(`--data site-packages`, the default otherwise; `--max-bytes` of it), with a byte-level BPE tokenizer trained on it. Model: a Qwen3-MoE (or `--family qwen2_moe`) random init, identical for every run; SD-MoE runs
 use Algorithm 1 (`init="scratch"`). The training loop is a plain PyTorch/Accelerate-style loop using the SD-MoE
 functions (`project_gradients` before clipping, `after_optimizer_step` for the 16-step basis refresh).
 
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from hf_lowbit.corpus import SOURCES
 
 
 def build_config(args, vocab_size: int):
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="CPU toy size (< ~2 minutes)")
     p.add_argument("--output-dir", default="sd_moe_pretrain_out")
     p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "qwen2_moe"])
+    p.add_argument("--data", choices=SOURCES, help="text source (default: shakespeare with --tiny, else site-packages)")
+    p.add_argument("--max-bytes", type=int, default=60_000_000, help="site-packages text to read (default 60 MB)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--block", type=int)
@@ -162,9 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     tiny = dict(steps=60, batch=8, block=64, hidden=64, layers=2, experts=8, top_k=2, moe_intermediate=64,
-                vocab=512, lr=2e-3, eval_every=20)
+                vocab=512, lr=2e-3, eval_every=20, data="shakespeare")
     full = dict(steps=1500, batch=32, block=256, hidden=384, layers=6, experts=16, top_k=2, moe_intermediate=384,
-                vocab=4096, lr=1e-3, eval_every=100)
+                vocab=4096, lr=1e-3, eval_every=100, data="site-packages")
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -177,20 +182,23 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     import hf_lowbit  # noqa: F401  (registers the package; SD-MoE lives in hf_lowbit.model_patches.sd_moe)
-    from hf_lowbit.demo import demo_text, train_tokenizer
+    from hf_lowbit.corpus import load_text, tokenize_chunked
+    from hf_lowbit.demo import train_tokenizer
     from hf_lowbit.diagnostics.experts import plot_similarity
 
     t0 = time.time()
-    text = demo_text()
-    tok = train_tokenizer(text, vocab_size=args.vocab)
-    ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    text = load_text(args.data, args.max_bytes)
+    tok = train_tokenizer(text[:4_000_000], vocab_size=args.vocab)
+    ids = tokenize_chunked(tok, text)
     n = (len(ids) // args.block) * args.block
     blocks = ids[:n].reshape(-1, args.block)
     n_held = max(args.batch, len(blocks) // 20)
     train, held = blocks[:-n_held], blocks[-n_held:]
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_config(build_config(args, len(tok)))
-    print(f"tokens {len(ids)}, train blocks {len(train)}, held-out blocks {len(held)}, "
+    epochs = args.steps * args.batch / max(1, len(train))
+    print(f"{args.data}: tokens {len(ids)}, train blocks {len(train)} ({epochs:.1f} epochs), "
+          f"held-out blocks {len(held)}, "
           f"params {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M, device {device}", flush=True)
 
     lrs = {"lr": args.lr, f"{args.lr_mult:g}xlr": args.lr * args.lr_mult}

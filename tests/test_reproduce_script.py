@@ -51,11 +51,12 @@ def _script():
 
 
 def test_chunked_tokenization_round_trips_the_text():
+    from hf_lowbit.corpus import tokenize_chunked
     from hf_lowbit.demo import demo_text, train_tokenizer
 
     text = demo_text()[:20_000] + "\nno newline at the end"
     tok = train_tokenizer(text, vocab_size=300)
-    ids = _script().tokenize_chunked(tok, text, chunk_chars=997)
+    ids = tokenize_chunked(tok, text, chunk_chars=997)
     assert tok.decode(ids.tolist()) == text
     assert abs(len(ids) - len(tok(text)["input_ids"])) < 0.02 * len(ids)
 
@@ -75,3 +76,13 @@ def test_merge_combines_parallel_runs(tmp_path):
     with pytest.raises(SystemExit, match="hold no results.json"):
         script.main(["--merge", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "n")])
     assert not (tmp_path / "n").exists()
+
+
+def test_text_sources():
+    from hf_lowbit.corpus import load_text
+
+    code = load_text("site-packages", max_bytes=50_000)
+    assert len(code) >= 50_000 and "def " in code and code == load_text("site-packages", max_bytes=50_000)
+    assert "Macbeth" in load_text("shakespeare") or "MACBETH" in load_text("shakespeare")
+    with pytest.raises(ValueError, match="allowed"):
+        load_text("wikipedia")
