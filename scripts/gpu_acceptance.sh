@@ -47,7 +47,7 @@ if has mhbench; then stamp mhbench
   timeout ${MHBENCH_TIMEOUT:-180} python3 scripts/bench_mhmoe.py --out "$OUT/bench_mhmoe.json" ${MHBENCH_ARGS:-} 2>&1 | grep -v Warn | tail -5 | tee "$OUT/bench_mhmoe.log"
 fi
 if has sdpretrain; then stamp sdpretrain
-  timeout ${SDP_TIMEOUT:-200} python3 scripts/sd_moe_pretrain.py --output-dir "$OUT/sd_moe_pretrain" ${SDP_ARGS:---steps 400 --eval-every 100} 2>&1 | tail -12 | tee "$OUT/sd_moe_pretrain.log"
+  timeout ${SDP_TIMEOUT:-200} python3 scripts/sd_moe_pretrain.py --output-dir "$OUT/sd_moe_pretrain" ${SDP_ARGS:---steps 400 --eval-every 100 --max-bytes 15000000} 2>&1 | tail -12 | tee "$OUT/sd_moe_pretrain.log"
 fi
 if has calib; then stamp calib
   timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
