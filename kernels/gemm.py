@@ -45,7 +45,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
     return acc
 
 
-@triton.jit
+# M is the MoE capacity in the batched case (a new value every step): not specialized on (no recompiles mid-run)
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
                  sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg,
                  NUM_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,

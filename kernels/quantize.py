@@ -181,7 +181,9 @@ def _group_tensor_scale(tsg_ptr, grp, mask):
     return tl.load(tsg_ptr + grp, mask=mask, other=1.0)[:, None]
 
 
-@triton.jit
+# Seeds change every call: specializing on them (Triton specializes ints on `% 16 == 0` and `== 1`) would compile
+# up to 4 more variants of the kernel, each at a random later training step (a multi-second stall each time).
+@triton.jit(do_not_specialize=["seed_row", "seed_col"])
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
                   seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr,
@@ -342,7 +344,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tl.store(csum_ptr + pm * K + cols, cs_, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _mean_quant_kernel(mu_ptr, K, amax_ptr, out_ptr, outu_ptr, seed, ts_out_ptr,
                        BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr, SR: tl.constexpr,
                        MX_CEIL: tl.constexpr):
