@@ -181,9 +181,10 @@ def _group_tensor_scale(tsg_ptr, grp, mask):
     return tl.load(tsg_ptr + grp, mask=mask, other=1.0)[:, None]
 
 
-# Seeds change every call: specializing on them (Triton specializes ints on `% 16 == 0` and `== 1`) would compile
-# up to 4 more variants of the kernel, each at a random later training step (a multi-second stall each time).
-@triton.jit(do_not_specialize=["seed_row", "seed_col"])
+# Seeds change every call, and N_MT (the row-tile count) every step in the grouped MoE mode (the capacity changes):
+# specializing on them (Triton specializes ints on `% 16 == 0` and `== 1`) would compile more variants of the
+# kernel, each at a random later training step (a multi-second stall each time).
+@triton.jit(do_not_specialize=["seed_row", "seed_col", "N_MT"])
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
                   seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr,

@@ -316,4 +316,4 @@ def test_per_call_integers_are_not_specialized_on():
             "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['seed_col', 'seed_row']", "['seed']", "['M']"]
+    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_row']", "['seed']", "['M']"]
