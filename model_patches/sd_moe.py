@@ -43,6 +43,7 @@ FSDP-sharded (DTensor) expert parameters are not supported by the projection.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -161,6 +162,21 @@ def _project_modules(mods: list["SDMoEExperts"]) -> None:
                        [t for t in commons if t[0] is not None])
 
 
+#: cuSOLVER method of the refresh SVD on CUDA (`torch.linalg.svd(driver=...)`): None is PyTorch's default, exact
+#: and slow on small matrices (cuSOLVER loops over the batch: ~85 ms per refresh of the bench_moe model on an H200);
+#: "gesvda" is one batched call for tall matrices, accurate for the leading singular triplets the refresh keeps.
+#: `HF_LOWBIT_SD_SVD_DRIVER` sets it (the benchmark compares them). Ignored on CPU.
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
+
+
+def svd_driver(device: torch.device) -> str | None:
+    """The refresh SVD driver for `device` (see `SVD_DRIVERS`); raises on an unknown `HF_LOWBIT_SD_SVD_DRIVER`."""
+    name = os.environ.get("HF_LOWBIT_SD_SVD_DRIVER") or None
+    if name not in SVD_DRIVERS:
+        raise ValueError(f"HF_LOWBIT_SD_SVD_DRIVER={name!r} is not supported; allowed: {list(SVD_DRIVERS[1:])}")
+    return name if device.type == "cuda" else None
+
+
 @torch.no_grad()
 def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = None) -> None:
     """`SDMoEExperts.refresh` of several modules: one batched FP32 SVD per (shape, device) of all their W_c, each
@@ -172,7 +188,7 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
         flip = {m: (h if m == "down" else i) < (i if m == "down" else h) for m in SD_MATRICES}
         w = torch.stack([mod.common(m).detach().float().mT if flip[m] else mod.common(m).detach().float()
                          for mod in group for m in SD_MATRICES])                       # [3M, max(I,H), min(I,H)]
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=svd_driver(w.device))
         k = max(mod.rank for mod in group)
         uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
         for j, mod in enumerate(group):

@@ -108,6 +108,7 @@ class Settings:
     sd_warmup: int = 16        # training steps before the timed window
     sd_steps: int = 48         # timed training steps (a multiple of refresh_every)
     sd_accum: int = 1          # micro-batches (forward + backward) per optimizer step
+    sd_svd_driver: str | None = None  # cuSOLVER driver of the SD-MoE refresh (HF_LOWBIT_SD_SVD_DRIVER)
     refresh_every: int = 16
     sd_rank: int = 8
     sd_precisions: tuple[str, ...] = ("autocast", "bf16")
@@ -567,10 +568,13 @@ def bench_sd(shape: LMShape, device: torch.device, settings: Settings, runner: R
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
     rows: list[dict[str, Any]] = []
     section.update(model=asdict(shape), tokens_per_step=shape.batch * shape.seq * settings.sd_accum,
-                   micro_batches_per_step=settings.sd_accum, warmup_steps=settings.sd_warmup,
+                   micro_batches_per_step=settings.sd_accum, svd_driver=settings.sd_svd_driver,
+                   warmup_steps=settings.sd_warmup,
                    timed_steps=settings.sd_steps, refresh_every=settings.refresh_every, sd_rank=settings.sd_rank,
                    optimizer="AdamW(lr=1e-4), clip_grad_norm_(1.0)", target_overhead_pct=SD_TARGET_OVERHEAD_PCT,
                    results=rows)
+    if settings.sd_svd_driver:
+        os.environ["HF_LOWBIT_SD_SVD_DRIVER"] = settings.sd_svd_driver
     for precision, name in lm_runs(settings):
         row = {"name": name, "precision": precision}
         rows.append(row)
@@ -673,6 +677,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="timed training steps (default 48; tiny 4); keep it a multiple of the refresh period (16)")
     p.add_argument("--sd-accum", type=int, default=1,
                    help="micro-batches (of 8 x 512 tokens) per optimizer step in the SD-MoE benchmark (default 1)")
+    p.add_argument("--sd-svd-driver", choices=["gesvd", "gesvdj", "gesvda"], default=None,
+                   help="cuSOLVER driver of the SD-MoE basis refresh (default: PyTorch's)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; --tiny: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=180.0,
@@ -699,7 +705,7 @@ def make_settings(args: argparse.Namespace) -> tuple[Settings, ExpertShape, LMSh
     """Sizes and measuring effort for the chosen mode."""
     device = args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     common = dict(device=device, sd_precisions=args.sd_precisions, sd_fp4=not args.skip_sd_fp4, seed=args.seed,
-                  sd_accum=args.sd_accum)
+                  sd_accum=args.sd_accum, sd_svd_driver=args.sd_svd_driver)
     if args.tiny:
         settings = Settings(warmup=1, min_reps=3, max_reps=10, target_s=0.1, sd_warmup=2,
                             sd_steps=args.sd_steps or 4, refresh_every=2, sd_rank=4, **common)

@@ -312,3 +312,28 @@ def test_batched_refresh_matches_per_matrix_svd():
             assert bu.shape == (mod.common(m).shape[0], 4) and bv.shape == (mod.common(m).shape[1], 4)
             assert torch.allclose(bu @ bu.T, u[:, :4] @ u[:, :4].T, atol=1e-5)   # same subspaces (signs free)
             assert torch.allclose(bv @ bv.T, vh[:4].T @ vh[:4], atol=1e-5)
+
+
+@pytest.mark.parametrize("driver", [None, "gesvda", "gesvdj"])
+def test_refresh_svd_driver(monkeypatch, driver):
+    """HF_LOWBIT_SD_SVD_DRIVER picks the cuSOLVER method on CUDA (ignored on CPU) and every driver gives the top-k
+    subspaces of the per-matrix SVD; an unknown name is refused with the allowed ones."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = stock("qwen3_moe").to(device)
+    apply_sd_moe(model, rank=4, init="project")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, mod in sd_modules(model):
+            for m in SD_MATRICES:
+                mod.common(m).add_(torch.randn(mod.common(m).shape, generator=g).to(device))
+    monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", driver or "")
+    refresh_bases(model)
+    for _, mod in sd_modules(model):
+        for m in SD_MATRICES:
+            u, s, vh = torch.linalg.svd(mod.common(m).detach().double().cpu(), full_matrices=False)
+            bu, bv = (b.double().cpu() for b in mod.bases(m))
+            assert torch.allclose(bu @ bu.T, u[:, :4] @ u[:, :4].T, atol=1e-4)
+            assert torch.allclose(bv @ bv.T, vh[:4].T @ vh[:4], atol=1e-4)
+    monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", "lanczos")
+    with pytest.raises(ValueError, match="HF_LOWBIT_SD_SVD_DRIVER='lanczos'.*allowed"):
+        refresh_bases(model)
