@@ -13,7 +13,8 @@
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
 #          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
-#   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4)
+#   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4);
+#            scripts/profile_train_step.py: host vs device time of a qwen3-0.6b-shape training step, BF16 vs NVFP4
 # Everything under $OUT is packed into $OUT/results.tgz at the end (PACK=0: not).
 set -uo pipefail
 OUT=${OUT:-/tmp/hf_lowbit_out}
@@ -92,6 +93,8 @@ if has profile; then stamp profile
   for fmt in nvfp4 mxfp4; do
     timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_experts.py --format $fmt --out "$OUT/profile_experts_$fmt.txt" 2>&1 | tail -32
   done
+  timeout ${PROFILE_TIMEOUT:-180} python3 scripts/profile_train_step.py --out "$OUT/profile_train_step.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/profile_train_step.log" | grep "^==\| / "
 fi
 stamp done
 # at most 8 files come back from the device: everything goes back as one archive (PACK=0 keeps the files as they are)

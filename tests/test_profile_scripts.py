@@ -1,0 +1,39 @@
+"""The profiling scripts at toy size on a CPU: they run, time both precisions and refuse bad input up front."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import profile_experts  # noqa: E402
+import profile_train_step  # noqa: E402
+
+
+def test_train_step_profile_compares_precisions(tmp_path):
+    out = tmp_path / "prof.json"
+    results = profile_train_step.main(["--config", "qwen3-tiny", "--vocab", "256", "--batch", "2", "--seq", "16",
+                                       "--warmup", "1", "--steps", "1", "--rows", "3", "--out", str(out)])
+    assert [r["precision"] for r in results] == ["bf16", "nvfp4-averis"]
+    assert all(r["tokens_per_s"] > 0 and "Name" in r["table"] for r in results)
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "cpu" and len(saved["results"]) == 2 and "table" not in saved["results"][0]
+
+
+def test_train_step_profile_refuses_bad_input(tmp_path):
+    with pytest.raises(SystemExit):
+        profile_train_step.main(["--precisions", "fp8"])
+    out = tmp_path / "keep.json"
+    out.write_text("keep")
+    with pytest.raises(SystemExit):
+        profile_train_step.main(["--config", "qwen3-tiny", "--out", str(out)])
+    assert out.read_text() == "keep"
+
+
+def test_experts_profile_tiny(tmp_path):
+    out = tmp_path / "table.txt"
+    profile_experts.main(["--tiny", "--rows", "3", "--out", str(out)])
+    assert "experts fwd+bwd" in out.read_text()
