@@ -1,4 +1,5 @@
-"""Triton device helpers shared by the FP4 kernels: E4M3 / E8M0 scale rounding, E2M1 rounding and decoding.
+"""Helpers shared by the FP4 kernels: E4M3 / E8M0 scale rounding, E2M1 rounding and decoding, GEMM tile helpers (all
+Triton device functions), and `interpreting()` for the host side.
 
 Every helper reproduces `hf_lowbit.numerics` bit for bit, with integer/bit arithmetic only where the reference
 relies on IEEE rounding (so the CPU interpreter and the GPU agree without depending on hardware cast modes).
@@ -6,8 +7,15 @@ relies on IEEE rounding (so the CPU interpreter and the GPU agree without depend
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU interpreter: small tiles, no hardware-specific paths)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

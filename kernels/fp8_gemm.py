@@ -13,8 +13,9 @@ multiple of 32 is exactly one MX block: every A element of a row is an E2M1 valu
 every B element of a column one times 2^β, so each product is an integer multiple of 0.25·2^(α+β) of magnitude
 ≤ 36·2^(α+β), and the chunk's sum a multiple of 0.25·2^(α+β) bounded by 32·36·2^(α+β) (≤ 13 significant bits):
 the tensor core computes it exactly. The kernel therefore equals the FP32 reference up to FP32 accumulation order.
-The row scales are powers of two (exact multiplications). Measured on an H200: equal to the FP32 reference at
-rtol 1e-6; 8192×4096×4096 in 361 µs (760 TFLOP/s; BF16 cuBLAS 367 µs, the imprecise `_scaled_mm` 208 µs).
+The row scales are powers of two (exact multiplications). Measured on an H200
+(`benchmarks/results/2026-11-29b-h200/mx-fp8-gemm-call.log`): equal to the FP32 reference at rtol 1e-6;
+8192×4096×4096 in 402-445 µs by tile choice (BF16 cuBLAS 367 µs, the imprecise `_scaled_mm` 208 µs).
 
 Under TRITON_INTERPRET=1 the interpreter's `tl.dot` widens FP8 to FP16 and multiplies in FP32 (also exact), so
 the same kernel runs on a CPU.
@@ -22,13 +23,11 @@ the same kernel runs on a CPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, interpreting, tile_offsets
 
 __all__ = ["fp8_rowscaled_gemm", "fp8_rowscaled_matvec", "mx_row_scales", "IMPRECISE_ACC", "MX_BLOCK"]
 
@@ -37,13 +36,10 @@ IMPRECISE_ACC = 32
 MX_BLOCK = 32
 
 
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton path on CUDA tensors or under the interpreter; else the torch fallback."""
-    return t.is_cuda or _interp()
+    return t.is_cuda or interpreting()
 
 
 @triton.jit
@@ -133,7 +129,7 @@ def mx_row_scales(scales: torch.Tensor, offset: int) -> tuple[torch.Tensor, torc
     emax = torch.empty(R, device=scales.device, dtype=torch.int32)
     rs = torch.empty(R, device=scales.device, dtype=torch.float32)
     if R:
-        BR, BB = 64, 32 if _interp() else 128
+        BR, BB = 64, 32 if interpreting() else 128
         _mx_row_scale_kernel[(triton.cdiv(R, BR),)](scales.contiguous(), emax, rs, R, NB, NUM_B=triton.cdiv(NB, BB),
                                                     OFFSET=offset, BR=BR, BB=BB, num_warps=4)
     return emax, rs
@@ -189,7 +185,7 @@ def fp8_rowscaled_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: t
     if M == 0 or N == 0:
         return c
     a, b = _k_contiguous(a), _k_contiguous(b)
-    if _interp():
+    if interpreting():
         BM, BN, BK, warps, stages = 32, 32, min(bk, 64), 4, 1
     else:  # H200, 8192×4096×4096: 366 µs (750 TFLOP/s); 128×128 tiles with 8 warps 443 µs, BK=64 386 µs
         BM, BN, BK, warps, stages = 64, 128, bk, 4, 3 if bk == 128 else 4
@@ -217,7 +213,7 @@ def fp8_rowscaled_matvec(w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor) 
     if R == 0:
         return out
     w = _k_contiguous(w)
-    BR, BK = (16, 64) if _interp() else (16, 256)
+    BR, BK = (16, 64) if interpreting() else (16, 256)
     _fp8_matvec_kernel[(triton.cdiv(R, BR),)](w, scale.float().contiguous(), v, out, R, K, v.shape[0], w.stride(0),
                                               NUM_K=triton.cdiv(K, BK), BR=BR, BK=BK, num_warps=4)
     return out

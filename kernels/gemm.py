@@ -13,19 +13,14 @@ alternative that the benchmark measures against the fused Triton GEMM.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, interpreting, tile_offsets
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
-
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -146,7 +141,7 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     args = (a, b, c, M, N, K, a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2),
             vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
             a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0)
-    if _interp() or a.dtype == torch.float32:
+    if interpreting() or a.dtype == torch.float32:
         BM, BN, BK = 32, 32, 32
         _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
             *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
@@ -221,11 +216,11 @@ def matvec(a: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None = None, 
     if transpose:
         J, I = a.shape[1], a.shape[0]
         sj, si = a.stride(1), a.stride(0)
-        BJ, BI = (32, 32) if _interp() else (128, 32)
+        BJ, BI = (32, 32) if interpreting() else (128, 32)
     else:
         J, I = a.shape
         sj, si = a.stride(0), a.stride(1)
-        BJ, BI = (32, 32) if _interp() else (16, 256)
+        BJ, BI = (32, 32) if interpreting() else (16, 256)
     out = torch.empty(J, device=a.device, dtype=torch.float32)
     _matvec_kernel[(triton.cdiv(J, BJ),)](a, sj, si, v.float().contiguous(), out,
                                           scale if scale is not None else out, J, I,

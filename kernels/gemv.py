@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, e2m1_value, e4m3_decode, e8m0_scale
+from hf_lowbit.kernels._common import bf16_rne, e2m1_value, e4m3_decode, e8m0_scale, interpreting
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
@@ -163,13 +163,10 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, N, Bsz, SPLIT: tl.constex
     tl.store(out_ptr + b[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 def _config(N: int, NK: int, bsz: int) -> tuple[int, int, int]:
     """(BN, BK, SPLIT) for the launch."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return 16, 64, (2 if NK >= 2 else 1)
     bn = 32 if bsz <= 16 else 64
     n_tiles = triton.cdiv(N, bn)
@@ -181,7 +178,7 @@ def _config(N: int, NK: int, bsz: int) -> tuple[int, int, int]:
 
 def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     """(BN, BK, num_warps, SPLIT) of the ≤ 4-token kernel; HF_LOWBIT_GCFG="BN,BK,W,SPLIT" overrides (SPLIT 0 = auto)."""
-    if _interp():
+    if interpreting():
         return 16, 64, 4, (2 if KP >= 128 else 1)
     bn, bk, w, split = 16, 256, 4, 0  # v2 sweep on H100 (NOTES.md): 16×256, 4 warps, auto split
     env = os.environ.get("HF_LOWBIT_GCFG")
@@ -245,7 +242,7 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
         _w4a16_kernel[(triton.cdiv(N, BN), split)](
             x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
             NK_PER=nk_per, BN=BN, BK=BK, BB=BB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
-            DOT_F32=x.dtype == torch.float32 or _interp(),
+            DOT_F32=x.dtype == torch.float32 or interpreting(),
             ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
     if split > 1:
         BNR = 128

@@ -12,7 +12,6 @@ that are not a multiple of the block) fall back to the reference.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +20,9 @@ import triton.language as tl
 
 from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
-
+from hf_lowbit.kernels._common import interpreting
 from hf_lowbit.kernels.gemm import scaled_gemm
-from hf_lowbit.kernels.quantize import grouped_quantize_dq, seed31
+from hf_lowbit.kernels.quantize import col_stats_update, grouped_quantize_dq, seed31
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
 
 _HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
@@ -55,9 +54,7 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
         m = ok[:, None] & cmask[None, :]
         x = tl.load(z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk, mask=m,
                     other=0.0).to(tl.float32)
-        acc_s += x
-        acc_max = tl.maximum(acc_max, tl.where(m, tl.where(x != x, float("inf"), x), float("-inf")))
-        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+        acc_s, acc_max, acc_min = col_stats_update(x, m, acc_s, acc_max, acc_min)
     out = (split * tl.num_programs(1) + grp) * K + cols
     tl.store(sum_ptr + out, tl.sum(acc_s, axis=0), mask=cmask)
     tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=cmask)
@@ -69,8 +66,7 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     with a fixed number of rows per program, so a changing L (the MoE capacity) never recompiles it)."""
     g, length, k = z.shape
     ok = mask.float().contiguous()
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    rows_per, bk = (32, 64) if interp else (256, 128)
+    rows_per, bk = (32, 64) if interpreting() else (256, 128)
     splits = triton.cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
     _group_col_stats_kernel[(triton.cdiv(k, bk), g, splits)](

@@ -12,11 +12,11 @@ order. The bias, the rank-1 mean terms and the output cast run in the GEMM's epi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from hf_lowbit.kernels._common import interpreting
 from hf_lowbit.kernels.fp8_gemm import fp8_rowscaled_gemm, fp8_rowscaled_matvec, mx_row_scales
 from hf_lowbit.numerics import E8M0_BIAS, PackedTensor, e2m1_codes_to_values, get_format, unpack_codes
 
@@ -50,7 +50,7 @@ def fold_mxfp4(p: PackedTensor, use_kernel: bool | None = None, count_underflow:
     rows = p.codes.shape[0]
     b = fmt.block_size
     if use_kernel is None:
-        use_kernel = p.codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        use_kernel = p.codes.is_cuda or interpreting()
     if use_kernel:  # two launches: row exponents + scales, then the bytes
         from hf_lowbit.kernels.quantize import fold_mxfp4_bytes
 

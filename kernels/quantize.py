@@ -30,13 +30,10 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import (e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       round_e2m1)
+                                       interpreting, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def seed31(*parts: int) -> int:
@@ -51,6 +48,14 @@ def seed31(*parts: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def col_stats_update(x, mask, acc_s, acc_max, acc_min):
+    """Add one loaded tile to running column sums / maxima / minima (`x` holds 0 where `mask` is off); NaN counts as
+    +inf in the max, so a NaN column gets a non-finite scale."""
+    acc_max = tl.maximum(acc_max, tl.where(mask, tl.where(x != x, float("inf"), x), float("-inf")))
+    return acc_s + x, acc_max, tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+
 
 @triton.jit
 def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, ROWS_PER: tl.constexpr,
@@ -68,9 +73,7 @@ def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, ROWS_
         mask = (rows < M)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask,
                     other=0.0).to(tl.float32)
-        acc_s += x
-        acc_max = tl.maximum(acc_max, tl.where(mask, tl.where(x != x, float("inf"), x), float("-inf")))
-        acc_min = tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+        acc_s, acc_max, acc_min = col_stats_update(x, mask, acc_s, acc_max, acc_min)
     tl.store(psum_ptr + ps * K + cols, tl.sum(acc_s, axis=0), mask=cmask)
     tl.store(pmax_ptr + ps * K + cols, tl.max(acc_max, axis=0), mask=cmask)
     tl.store(pmin_ptr + ps * K + cols, tl.min(acc_min, axis=0), mask=cmask)
@@ -121,6 +124,17 @@ def _nv_block_scale(amax_b, ts):
     s = tl.where(s > 448.0, 448.0, s)
     sbf, sbyte = e4m3_rne(s)
     return sbf, sbyte
+
+
+@triton.jit
+def _nv_scales(amax_b, ts):
+    """A tile's NVFP4 block scales under tensor scale `ts` (NaN where `ts` is): decoded FP32, byte, the divisor
+    s_b·s_t and its rounded reciprocal with the division-free path's flag (`nv_inv_den`)."""
+    sbf, sbyte = _nv_block_scale(amax_b, ts)
+    sbf = tl.where(ts != ts, float("nan"), sbf)
+    den = sbf * ts
+    y, bad = nv_inv_den(den)
+    return sbf, sbyte, den, y, bad
 
 
 @triton.jit
@@ -242,10 +256,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tsr = _group_tensor_scale(tsg_ptr, grp, rmask)
             else:
                 tsr = ts
-            sbf, sbyte = _nv_block_scale(amax_b, tsr)
-            sbf = tl.where(tsr != tsr, float("nan"), sbf)
-            den = sbf * tsr
-            y, bad = nv_inv_den(den)
+            sbf, sbyte, den, y, bad = _nv_scales(amax_b, tsr)
             codes = _nv_codes(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, rnd, FAST)
         else:
             sbyte = e8m0_from_amax(amax_b, MX_CEIL)
@@ -309,10 +320,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tsc = _group_tensor_scale(tsg_ptr, grp_b, grp_b < G)
             else:
                 tsc = ts
-            sbf_c, sbyte_c = _nv_block_scale(amax_c, tsc)
-            sbf_c = tl.where(tsc != tsc, float("nan"), sbf_c)
-            den_c = sbf_c * tsc
-            y_c, bad_c = nv_inv_den(den_c)
+            sbf_c, sbyte_c, den_c, y_c, bad_c = _nv_scales(amax_c, tsc)
             d3 = den_c[:, None, :]
             y3 = y_c[:, None, :]
             b3 = bad_c[:, None, :]
@@ -405,7 +413,7 @@ class AverisQuant:
 
 def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
     """(BM, BK, num_warps) of the quantize launch; HF_LOWBIT_QCFG="BM,BK,W" overrides (benchmark sweeps)."""
-    if _interpreting():
+    if interpreting():
         return max(B, 32), max(B, 32), 4
     env = os.environ.get("HF_LOWBIT_QCFG")
     if env:
@@ -443,7 +451,7 @@ def _stats(x: torch.Tensor, center: bool, buf: torch.Tensor | None = None
     `buf` (FP32, ≥ 2K) receives mean and camax (one allocation for all the small outputs of a call)."""
     M, K = x.shape
     dev = x.device
-    if _interpreting():
+    if interpreting():
         BMS, BKS, split, SW = 16, 32, 2, 4
     else:
         BMS, BKS, SW = (int(v) for v in os.environ.get("HF_LOWBIT_SCFG", "32,128,4").split(","))
@@ -459,7 +467,7 @@ def _stats(x: torch.Tensor, center: bool, buf: torch.Tensor | None = None
     mean = buf[0:K]
     camax = buf[K:2 * K]
     amax = torch.zeros(2, device=dev, dtype=torch.int32)
-    BKF = 32 if _interpreting() else 128
+    BKF = 32 if interpreting() else 128
     _finalize_kernel[(triton.cdiv(K, BKF),)](part[0], part[1], part[2], split, float(M), K, mean, camax, amax,
                                               CENTER=center, BK=BKF, BS=triton.next_power_of_2(split), num_warps=4)
     return mean, camax, amax
@@ -610,7 +618,7 @@ def fold_mxfp4_bytes(codes: torch.Tensor, scales: torch.Tensor, emax: torch.Tens
     exponent `emax` [R] (see `hf_lowbit.kernels.mx_fp8`)."""
     r, kh = codes.shape
     out = torch.empty((r, 2 * kh), device=codes.device, dtype=torch.uint8)
-    br, bkb = (16, 16) if _interpreting() else (32, 64)
+    br, bkb = (16, 16) if interpreting() else (32, 64)
     _mx_fold_kernel[(triton.cdiv(r, br), triton.cdiv(kh, bkb))](
         codes.contiguous(), scales.contiguous(), emax.to(torch.int32).contiguous(), out, r, kh, scales.shape[1],
         SHIFT=shift, BR=br, BKB=bkb, num_warps=4)

@@ -573,12 +573,18 @@ def bench_sd(shape: LMShape, device: torch.device, settings: Settings, runner: R
                    timed_steps=settings.sd_steps, refresh_every=settings.refresh_every, sd_rank=settings.sd_rank,
                    optimizer="AdamW(lr=1e-4), clip_grad_norm_(1.0)", target_overhead_pct=SD_TARGET_OVERHEAD_PCT,
                    results=rows)
+    previous = os.environ.get("HF_LOWBIT_SD_SVD_DRIVER")
     if settings.sd_svd_driver:
         os.environ["HF_LOWBIT_SD_SVD_DRIVER"] = settings.sd_svd_driver
-    for precision, name in lm_runs(settings):
-        row = {"name": name, "precision": precision}
-        rows.append(row)
-        runner.run(row, partial(lm_row, name, precision, shape, ids, device, settings))
+    try:
+        for precision, name in lm_runs(settings):
+            row = {"name": name, "precision": precision}
+            rows.append(row)
+            runner.run(row, partial(lm_row, name, precision, shape, ids, device, settings))
+    finally:
+        os.environ.pop("HF_LOWBIT_SD_SVD_DRIVER", None)
+        if previous is not None:
+            os.environ["HF_LOWBIT_SD_SVD_DRIVER"] = previous
     return {"overheads": overheads(rows, settings.sd_precisions)}
 
 
