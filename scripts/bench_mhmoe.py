@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
+    for flag, value, low in (("--rounds", args.rounds, 1), ("--steps-per-round", args.steps_per_round, 1),
+                             ("--warmup", args.warmup, 0), ("--batch", args.batch, 1), ("--seq", args.seq, 1)):
+        if value is not None and value < low:
+            parser.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
     if args.out.exists():
-        parser.error(f"--out {args.out} exists; choose another path")
-    if min(args.rounds, args.steps_per_round) < 1 or args.warmup < 0:
-        parser.error("--rounds and --steps-per-round must be >= 1 and --warmup >= 0")
+        parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
+    for flag, value in (("--tokens", args.tokens), ("--rows", args.rows)):
+        if value < 1:
+            parser.error(f"{flag}={value} is not valid; allowed: an integer >= 1")
+    if args.out is not None and args.out.exists():
+        parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
 
     import hf_lowbit
 

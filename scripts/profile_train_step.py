@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bad = [x for x in precisions if x not in PRECISIONS]
     if bad or not precisions:
         p.error(f"--precisions={args.precisions!r} is not valid; allowed: comma list of {', '.join(PRECISIONS)}")
-    if min(args.batch, args.seq, args.steps, args.vocab) < 1 or args.warmup < 0:
-        p.error("--batch, --seq, --steps and --vocab must be >= 1, --warmup >= 0")
+    for flag, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
+                             ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1)):
+        if value < low:
+            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
     if args.out is not None and args.out.exists():
-        p.error(f"--out {args.out} exists; choose another path (nothing was changed)")
+        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for precision in precisions:

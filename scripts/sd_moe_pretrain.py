@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU toy size (< ~2 minutes)")
     p.add_argument("--output-dir", default="sd_moe_pretrain_out")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output-dir")
     p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "qwen2_moe"])
     p.add_argument("--data", choices=SOURCES, help="text source (default: shakespeare with --tiny, else site-packages)")
     p.add_argument("--max-bytes", type=int, default=60_000_000, help="site-packages text to read (default 60 MB)")
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.max_bytes < 1:
+        p.error(f"--max-bytes={args.max_bytes} is not valid; allowed: an integer >= 1")
+    if (Path(args.output_dir) / "summary.json").exists() and not args.overwrite:
+        p.error(f"--output-dir={args.output_dir!r} holds an earlier run's summary.json; allowed: a new directory, or "
+                "--overwrite to replace it (nothing was changed)")
     tiny = dict(steps=60, batch=8, block=64, hidden=64, layers=2, experts=8, top_k=2, moe_intermediate=64,
                 vocab=512, lr=2e-3, eval_every=20, data="shakespeare")
     full = dict(steps=1500, batch=32, block=256, hidden=384, layers=6, experts=16, top_k=2, moe_intermediate=384,

@@ -23,9 +23,12 @@ def test_tiny_run_writes_matched_comparison(tmp_path):
     assert saved["ratio_mhmoe_over_loramoe"] == pytest.approx(result["ratio_mhmoe_over_loramoe"])
 
 
-def test_existing_output_is_refused(tmp_path):
+def test_existing_output_and_bad_counts_are_refused(tmp_path, capsys):
     out = tmp_path / "mhmoe.json"
     out.write_text("keep")
-    with pytest.raises(SystemExit):
-        bench_mhmoe.main(["--tiny", "--out", str(out)])
-    assert out.read_text() == "keep"
+    for argv, message in ((["--out", str(out)], "exists"),
+                          (["--out", str(tmp_path / "new.json"), "--rounds", "0"], "--rounds=0 is not valid")):
+        with pytest.raises(SystemExit):
+            bench_mhmoe.main(["--tiny", *argv])
+        assert message in capsys.readouterr().err
+    assert out.read_text() == "keep" and not (tmp_path / "new.json").exists()

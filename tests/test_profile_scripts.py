@@ -23,17 +23,23 @@ def test_train_step_profile_compares_precisions(tmp_path):
     assert saved["device"] == "cpu" and len(saved["results"]) == 2 and "table" not in saved["results"][0]
 
 
-def test_train_step_profile_refuses_bad_input(tmp_path):
-    with pytest.raises(SystemExit):
-        profile_train_step.main(["--precisions", "fp8"])
+def test_profiles_refuse_bad_input(tmp_path, capsys):
     out = tmp_path / "keep.json"
     out.write_text("keep")
-    with pytest.raises(SystemExit):
-        profile_train_step.main(["--config", "qwen3-tiny", "--out", str(out)])
+    for main, argv, message in (
+            (profile_train_step.main, ["--precisions", "fp8"], "--precisions='fp8' is not valid"),
+            (profile_train_step.main, ["--steps", "0"], "--steps=0 is not valid"),
+            (profile_train_step.main, ["--config", "qwen3-tiny", "--out", str(out)], "exists"),
+            (profile_experts.main, ["--tiny", "--tokens", "0"], "--tokens=0 is not valid"),
+            (profile_experts.main, ["--tiny", "--out", str(out)], "exists")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
     assert out.read_text() == "keep"
 
 
 def test_experts_profile_tiny(tmp_path):
     out = tmp_path / "table.txt"
     profile_experts.main(["--tiny", "--rows", "3", "--out", str(out)])
-    assert "experts fwd+bwd" in out.read_text()
+    text = out.read_text()
+    assert "experts fwd+bwd" in text and "GroupedAverisLinear" in text  # the FP4 experts op ran and was profiled

@@ -11,7 +11,7 @@ import torch
 from conftest import load_checked, tiny_config
 from hf_lowbit.model_patches.sd_moe import (SD_MATRICES, SDMoECallback, SDMoEExperts, after_optimizer_step,
                                             apply_sd_moe, double_complement, install_gradient_hooks,
-                                            project_gradients, refresh_bases, sd_modules)
+                                            project_gradients, refresh_bases, sd_modules, svd_driver)
 
 FAMILIES = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 _CACHE: dict[str, torch.nn.Module] = {}
@@ -316,7 +316,8 @@ def test_batched_refresh_matches_per_matrix_svd():
 
 @pytest.mark.parametrize("driver", [None, "gesvda", "gesvdj"])
 def test_refresh_svd_driver(monkeypatch, driver):
-    """HF_LOWBIT_SD_SVD_DRIVER picks the cuSOLVER method on CUDA (ignored on CPU) and every driver gives the top-k
+    """HF_LOWBIT_SD_SVD_DRIVER picks the cuSOLVER method on CUDA (ignored on CPU, where only the selection and the
+    refusal are checked; on a GPU the run below uses the driver) and every driver gives the top-k
     subspaces of the per-matrix SVD; an unknown name is refused with the allowed ones."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = stock("qwen3_moe").to(device)
@@ -327,6 +328,7 @@ def test_refresh_svd_driver(monkeypatch, driver):
             for m in SD_MATRICES:
                 mod.common(m).add_(torch.randn(mod.common(m).shape, generator=g).to(device))
     monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", driver or "")
+    assert svd_driver(torch.device("cuda")) == driver and svd_driver(torch.device("cpu")) is None
     refresh_bases(model)
     for _, mod in sd_modules(model):
         for m in SD_MATRICES:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sd_moe_pretrain.py"
 
 
@@ -27,3 +29,16 @@ def test_tiny_run_on_site_packages_text(tmp_path):
     assert summary["args"]["data"] == "site-packages"
     assert json.loads((out / "summary.json").read_text())["runs"].keys() == runs.keys()
     assert (out / "loss_curves.png").stat().st_size > 0 and len(list(out.glob("similarity_*.png"))) == 8
+
+
+def test_earlier_results_and_bad_sizes_are_refused(tmp_path, capsys):
+    out = tmp_path / "sd"
+    out.mkdir()
+    (out / "summary.json").write_text("keep")
+    script = _script()
+    for argv, message in ((["--output-dir", str(out)], "holds an earlier run's summary.json"),
+                          (["--output-dir", str(tmp_path / "new"), "--max-bytes", "0"], "--max-bytes=0")):
+        with pytest.raises(SystemExit):
+            script.main(["--tiny", *argv])
+        assert message in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == "keep" and not (tmp_path / "new").exists()
