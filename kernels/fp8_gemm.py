@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, interpreting, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, interpreting, tile_offsets
 
 __all__ = ["fp8_rowscaled_gemm", "fp8_rowscaled_matvec", "mx_row_scales", "IMPRECISE_ACC", "MX_BLOCK"]
 
@@ -130,7 +130,7 @@ def mx_row_scales(scales: torch.Tensor, offset: int) -> tuple[torch.Tensor, torc
     rs = torch.empty(R, device=scales.device, dtype=torch.float32)
     if R:
         BR, BB = 64, 32 if interpreting() else 128
-        _mx_row_scale_kernel[(triton.cdiv(R, BR),)](scales.contiguous(), emax, rs, R, NB, NUM_B=triton.cdiv(NB, BB),
+        _mx_row_scale_kernel[(cdiv(R, BR),)](scales.contiguous(), emax, rs, R, NB, NUM_B=cdiv(NB, BB),
                                                     OFFSET=offset, BR=BR, BB=BB, num_warps=4)
     return emax, rs
 
@@ -189,7 +189,7 @@ def fp8_rowscaled_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: t
         BM, BN, BK, warps, stages = 32, 32, min(bk, 64), 4, 1
     else:  # H200, 8192×4096×4096: 366 µs (750 TFLOP/s); 128×128 tiles with 8 warps 443 µs, BK=64 386 µs
         BM, BN, BK, warps, stages = 64, 128, bk, 4, 3 if bk == 128 else 4
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    grid = (cdiv(M, BM) * cdiv(N, BN),)
     _fp8_gemm_kernel[grid](
         a, b, c, sa, sb, *(t if t is not None else sa for t in (vec_n, vec_m, u1, v1, u2, v2)),
         M, N, a.stride(0), b.stride(0), c.stride(0), NUM_K=K // BK,
@@ -214,6 +214,6 @@ def fp8_rowscaled_matvec(w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor) 
         return out
     w = _k_contiguous(w)
     BR, BK = (16, 64) if interpreting() else (16, 256)
-    _fp8_matvec_kernel[(triton.cdiv(R, BR),)](w, scale.float().contiguous(), v, out, R, K, v.shape[0], w.stride(0),
-                                              NUM_K=triton.cdiv(K, BK), BR=BR, BK=BK, num_warps=4)
+    _fp8_matvec_kernel[(cdiv(R, BR),)](w, scale.float().contiguous(), v, out, R, K, v.shape[0], w.stride(0),
+                                              NUM_K=cdiv(K, BK), BR=BR, BK=BK, num_warps=4)
     return out

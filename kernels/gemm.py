@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, interpreting, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, interpreting, next_pow2, tile_offsets
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
@@ -102,14 +102,40 @@ _CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
 ]
 
-_tuned = None
+#: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
+_BEST: dict[tuple, triton.Config] = {}
 
 
-def _tuned_kernel():
-    global _tuned
-    if _tuned is None:
-        _tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "sam", "sak", "sbn", "sbk", "sag"])(_gemm_kernel)
-    return _tuned
+def m_bucket(m: int) -> int:
+    """The row count a tuned GEMM config is shared by: the next power of two (at least 64). Tuning per exact M
+    re-benchmarked every GEMM of a model for each new batch shape (a ragged last batch, variable-length fine-tuning),
+    seconds of stall inside training each time."""
+    return max(64, next_pow2(m))
+
+
+def _launch_tuned(args: tuple, M: int, N: int, K: int, G: int, common: dict) -> None:
+    """Launch the dense GEMM with the config measured best for this shape class (benchmarked on first use)."""
+    key = (m_bucket(M), N, K, *args[6:10], args[0].dtype, args[1].dtype, args[2].dtype,
+           *sorted(common.items()), args[0].device.index)
+    cfg = _BEST.get(key)
+    if cfg is None:
+        from triton.testing import do_bench
+
+        def run(c: triton.Config) -> None:
+            _launch_config(args, M, N, K, G, common, c)
+
+        times = [do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in _CONFIGS]
+        cfg = _CONFIGS[min(range(len(_CONFIGS)), key=times.__getitem__)]
+        _BEST[key] = cfg
+    _launch_config(args, M, N, K, G, common, cfg)
+
+
+def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cfg: triton.Config) -> None:
+    kw = cfg.kwargs
+    grid = (cdiv(M, kw["BM"]) * cdiv(N, kw["BN"]), G)
+    dot_f32 = interpreting()  # the interpreter's BF16 dot is not exact; the FP32 dot of BF16 values is
+    _gemm_kernel[grid](*args, NUM_K=cdiv(K, kw["BK"]), EVEN_K=K % kw["BK"] == 0, DOT_F32=dot_f32, **kw,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
 
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: torch.Tensor | None = None,
@@ -143,17 +169,16 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
             a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0)
     if interpreting() or a.dtype == torch.float32:
         BM, BN, BK = 32, 32, 32
-        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
-            *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
+        _gemm_kernel[(cdiv(M, BM) * cdiv(N, BN), G)](
+            *args, NUM_K=cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
             **common)
     elif batched:  # MoE experts: M (the capacity) changes every step, so no autotuning keyed on it
         BM, BN, BK = 128, 128, 64
-        _gemm_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN), G)](
-            *args, NUM_K=triton.cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=False, BM=BM, BN=BN, BK=BK, GROUP_M=8,
+        _gemm_kernel[(cdiv(M, BM) * cdiv(N, BN), G)](
+            *args, NUM_K=cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=False, BM=BM, BN=BN, BK=BK, GROUP_M=8,
             num_warps=8, num_stages=4, **common)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)  # noqa: E731
-        _tuned_kernel()[grid](*args, NUM_K=triton.cdiv(K, 64), EVEN_K=K % 64 == 0, DOT_F32=False, **common)
+        _launch_tuned(args, M, N, K, G, common)
     return c if batched else c[0]
 
 
@@ -184,7 +209,7 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     out = c if out_dtype == c.dtype else torch.empty((M, N), device=dev, dtype=out_dtype)
     BM, BN = 32, 128
-    _epilogue_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+    _epilogue_kernel[(cdiv(M, BM), cdiv(N, BN))](
         c, out, M, N, sa if sa is not None else dummy, sb if sb is not None else dummy,
         vrow if vrow is not None else dummy, u1, v1, u2, v2, HAS_SCALE=sa is not None, HAS_VROW=vrow is not None,
         HAS_R1=r1 is not None, HAS_R2=r2 is not None, ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
@@ -222,8 +247,8 @@ def matvec(a: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None = None, 
         sj, si = a.stride(0), a.stride(1)
         BJ, BI = (32, 32) if interpreting() else (16, 256)
     out = torch.empty(J, device=a.device, dtype=torch.float32)
-    _matvec_kernel[(triton.cdiv(J, BJ),)](a, sj, si, v.float().contiguous(), out,
+    _matvec_kernel[(cdiv(J, BJ),)](a, sj, si, v.float().contiguous(), out,
                                           scale if scale is not None else out, J, I,
-                                          NUM_I=triton.cdiv(I, BI), HAS_SCALE=scale is not None, BJ=BJ, BI=BI,
+                                          NUM_I=cdiv(I, BI), HAS_SCALE=scale is not None, BJ=BJ, BI=BI,
                                           num_warps=4)
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, e2m1_value, e4m3_decode, e8m0_scale, interpreting
+from hf_lowbit.kernels._common import bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, interpreting, next_pow2
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
@@ -169,7 +169,7 @@ def _config(N: int, NK: int, bsz: int) -> tuple[int, int, int]:
     if interpreting():
         return 16, 64, (2 if NK >= 2 else 1)
     bn = 32 if bsz <= 16 else 64
-    n_tiles = triton.cdiv(N, bn)
+    n_tiles = cdiv(N, bn)
     split = 1
     while n_tiles * split < 3 * 132 and split * 2 <= NK:
         split *= 2
@@ -184,10 +184,10 @@ def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     env = os.environ.get("HF_LOWBIT_GCFG")
     if env:
         bn, bk, w, split = (int(v) for v in env.split(","))
-    bk = max(B, min(bk, triton.next_power_of_2(KP)))
-    nk = triton.cdiv(KP, bk)
+    bk = max(B, min(bk, next_pow2(KP)))
+    nk = cdiv(KP, bk)
     if split <= 0:
-        n_tiles = triton.cdiv(N, bn)
+        n_tiles = cdiv(N, bn)
         split = 1
         while n_tiles * split < 4 * 132 and split * 2 <= nk:
             split *= 2
@@ -217,36 +217,36 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     out = torch.empty((bsz, N), device=dev, dtype=x.dtype)
     bias_t = bias if bias is not None else out
     if bsz <= 4:
-        TB = triton.next_power_of_2(bsz)
+        TB = next_pow2(bsz)
         BN, BK, nw, split = _fma_config(N, KP, B)
-        NK = triton.cdiv(KP, BK)
-        nk_per = triton.cdiv(NK, split)
-        split = triton.cdiv(NK, nk_per)
+        NK = cdiv(KP, BK)
+        nk_per = cdiv(NK, split)
+        split = cdiv(NK, nk_per)
         part = torch.empty((split, TB, N), device=dev, dtype=torch.float32) if split > 1 else out
         round_w = x.dtype != torch.float32 and os.environ.get("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
-        _w4a16_fma_kernel[(triton.cdiv(N, BN), split)](
+        _w4a16_fma_kernel[(cdiv(N, BN), split)](
             x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
             NK_PER=nk_per, BN=BN, BK=BK, TB=TB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
             ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=nw)
         BB = TB
     else:
-        BB = max(16, triton.next_power_of_2(bsz))
-        bk_default = _config(N, triton.cdiv(KP, 64), bsz)
+        BB = max(16, next_pow2(bsz))
+        bk_default = _config(N, cdiv(KP, 64), bsz)
         BN, BK, _ = bk_default
-        BK = max(B, min(BK, triton.next_power_of_2(KP)))
-        NK = triton.cdiv(KP, BK)
+        BK = max(B, min(BK, next_pow2(KP)))
+        NK = cdiv(KP, BK)
         _, _, split = _config(N, NK, bsz)
-        nk_per = triton.cdiv(NK, split)
-        split = triton.cdiv(NK, nk_per)
+        nk_per = cdiv(NK, split)
+        split = cdiv(NK, nk_per)
         part = torch.empty((split, BB, N), device=dev, dtype=torch.float32) if split > 1 else out
-        _w4a16_kernel[(triton.cdiv(N, BN), split)](
+        _w4a16_kernel[(cdiv(N, BN), split)](
             x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
             NK_PER=nk_per, BN=BN, BK=BK, BB=BB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
             DOT_F32=x.dtype == torch.float32 or interpreting(),
             ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
     if split > 1:
         BNR = 128
-        _splitk_reduce_kernel[(triton.cdiv(N, BNR),)](part, bias_t, out, N, bsz, SPLIT=split, BB=BB, BN=BNR,
+        _splitk_reduce_kernel[(cdiv(N, BNR),)](part, bias_t, out, N, bsz, SPLIT=split, BB=BB, BN=BNR,
                                                       HAS_BIAS=bias is not None,
                                                       ROUND_BF16=x.dtype == torch.bfloat16, num_warps=4)
     return out.reshape(*lead, N)

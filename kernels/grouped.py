@@ -20,7 +20,7 @@ import triton.language as tl
 
 from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
-from hf_lowbit.kernels._common import interpreting
+from hf_lowbit.kernels._common import cdiv, interpreting
 from hf_lowbit.kernels.gemm import scaled_gemm
 from hf_lowbit.kernels.quantize import col_stats_update, grouped_quantize_dq, seed31
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
@@ -67,9 +67,9 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     g, length, k = z.shape
     ok = mask.float().contiguous()
     rows_per, bk = (32, 64) if interpreting() else (256, 128)
-    splits = triton.cdiv(length, rows_per)
+    splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
-    _group_col_stats_kernel[(triton.cdiv(k, bk), g, splits)](
+    _group_col_stats_kernel[(cdiv(k, bk), g, splits)](
         z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2],
         ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
     if splits == 1:

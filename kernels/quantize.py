@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       interpreting, round_e2m1)
+from hf_lowbit.kernels._common import (cdiv, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
+                                       interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -58,10 +58,12 @@ def col_stats_update(x, mask, acc_s, acc_max, acc_min):
 
 
 @triton.jit
-def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, ROWS_PER: tl.constexpr,
+def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, amax_ptr, ROWS_PER: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
     pk = tl.program_id(0)
     ps = tl.program_id(1)
+    if (pk == 0) & (ps == 0):  # zero the [amax(R), amax(μ)] bits that _finalize_kernel atomically maxes into
+        tl.store(amax_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
     cols = pk * BK + tl.arange(0, BK)
     cmask = cols < K
     acc_s = tl.zeros([BM, BK], dtype=tl.float32)
@@ -455,21 +457,22 @@ def _stats(x: torch.Tensor, center: bool, buf: torch.Tensor | None = None
         BMS, BKS, split, SW = 16, 32, 2, 4
     else:
         BMS, BKS, SW = (int(v) for v in os.environ.get("HF_LOWBIT_SCFG", "32,128,4").split(","))
-        n_kb = triton.cdiv(K, BKS)
-        split = max(1, min(triton.cdiv(M, BMS), (4 * 132) // max(1, n_kb) + 1))
-    rows_per = triton.cdiv(triton.cdiv(M, split), BMS) * BMS
-    split = triton.cdiv(M, rows_per)
+        n_kb = cdiv(K, BKS)
+        split = max(1, min(cdiv(M, BMS), (4 * 132) // max(1, n_kb) + 1))
+    # rows per program: a power of two (>= BMS), so that new token counts reuse a few compiled variants
+    rows_per = max(BMS, next_pow2(cdiv(M, split)))
+    split = cdiv(M, rows_per)
     part = torch.empty((3, split, K), device=dev, dtype=torch.float32)
-    _col_stats_kernel[(triton.cdiv(K, BKS), split)](x, x.stride(0), x.stride(1), M, K, part[0], part[1], part[2],
-                                                     rows_per, BM=BMS, BK=BKS, num_warps=SW)
+    amax = torch.empty(2, device=dev, dtype=torch.int32)  # zeroed by the stats kernel (no memset launch)
+    _col_stats_kernel[(cdiv(K, BKS), split)](x, x.stride(0), x.stride(1), M, K, part[0], part[1], part[2], amax,
+                                             rows_per, BM=BMS, BK=BKS, num_warps=SW)
     if buf is None:
         buf = torch.empty(2 * K, device=dev, dtype=torch.float32)
     mean = buf[0:K]
     camax = buf[K:2 * K]
-    amax = torch.zeros(2, device=dev, dtype=torch.int32)
     BKF = 32 if interpreting() else 128
-    _finalize_kernel[(triton.cdiv(K, BKF),)](part[0], part[1], part[2], split, float(M), K, mean, camax, amax,
-                                              CENTER=center, BK=BKF, BS=triton.next_power_of_2(split), num_warps=4)
+    _finalize_kernel[(cdiv(K, BKF),)](part[0], part[1], part[2], split, float(M), K, mean, camax, amax,
+                                      CENTER=center, BK=BKF, BS=next_pow2(split), num_warps=4)
     return mean, camax, amax
 
 
@@ -495,8 +498,8 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
     if M == 0 or K == 0:
         raise ValueError("averis_quantize needs a non-empty tensor")
     dev = x.device
-    MP = triton.cdiv(M, B) * B
-    KP = triton.cdiv(K, B) * B
+    MP = cdiv(M, B) * B
+    KP = cdiv(K, B) * B
     sr = rounding == "sr"
     # one FP32 allocation for the small outputs: mean, camax, Q(μ), Q(μ) unscaled, tensor scales of R and μ
     buf = torch.empty(4 * K + 2, device=dev, dtype=torch.float32)
@@ -519,10 +522,10 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         cs = torch.empty((K, MP // B), device=dev, dtype=torch.uint8)
     if col and col_dq:
         cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16)
-    n_mt = triton.cdiv(MP, BM)
+    n_mt = cdiv(MP, BM)
     if col and col_sum:
         csum = torch.empty((n_mt, K), device=dev, dtype=torch.float32)
-    grid = (n_mt, triton.cdiv(KP, BK))
+    grid = (n_mt, cdiv(KP, BK))
     ts_buf = buf[4 * K:4 * K + 2]
     _quant_kernel[grid](
         x, x.stride(0), x.stride(1), M, K, MP, KP, mean if mean is not None else dummy_f, amax,
@@ -539,8 +542,8 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
     if center:
         mean_q = buf[2 * K:3 * K]
         mean_qu = buf[3 * K:4 * K]
-        BKM = max(B, min(1024, triton.next_power_of_2(K)))
-        _mean_quant_kernel[(triton.cdiv(K, BKM),)](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), ts_buf[1:],
+        BKM = max(B, min(1024, next_pow2(K)))
+        _mean_quant_kernel[(cdiv(K, BKM),)](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), ts_buf[1:],
                                                     BK=BKM, B=B, IS_NV=is_nv, SR=sr, MX_CEIL=mx_scale == "ceil",
                                                     num_warps=4)
         mts = ts_buf[1] if is_nv else None
@@ -571,14 +574,14 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     if is_nv and tensor_scale is None:
         raise ValueError("grouped_quantize_dq: NVFP4 needs the per-group tensor scales")
     dev = x.device
-    KP = triton.cdiv(K, B) * B
+    KP = cdiv(K, B) * B
     BM, BK, nw = _cfg(M, K, B, row, col)
     dummy_u8, dummy_bf, dummy_f = _dummies(dev)
     rdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if row else None
     cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if col else None
-    n_mt = triton.cdiv(M, BM)
+    n_mt = cdiv(M, BM)
     ts = tensor_scale.float().contiguous() if is_nv else dummy_f
-    _quant_kernel[(n_mt, triton.cdiv(KP, BK))](
+    _quant_kernel[(n_mt, cdiv(KP, BK))](
         x, x.stride(0), x.stride(1), M, K, M, KP, mean.float().contiguous(), dummy_f,
         dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
         cdq if cdq is not None else dummy_bf, dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, dummy_f,
@@ -619,7 +622,7 @@ def fold_mxfp4_bytes(codes: torch.Tensor, scales: torch.Tensor, emax: torch.Tens
     r, kh = codes.shape
     out = torch.empty((r, 2 * kh), device=codes.device, dtype=torch.uint8)
     br, bkb = (16, 16) if interpreting() else (32, 64)
-    _mx_fold_kernel[(triton.cdiv(r, br), triton.cdiv(kh, bkb))](
+    _mx_fold_kernel[(cdiv(r, br), cdiv(kh, bkb))](
         codes.contiguous(), scales.contiguous(), emax.to(torch.int32).contiguous(), out, r, kh, scales.shape[1],
         SHIFT=shift, BR=br, BKB=bkb, num_warps=4)
     return out

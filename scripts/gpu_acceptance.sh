@@ -14,6 +14,7 @@
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
 #          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
 #   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4);
+#            scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it;
 #            scripts/profile_train_step.py: host vs device time of a qwen3-0.6b-shape training step, BF16 vs NVFP4
 # Everything under $OUT is packed into $OUT/results.tgz at the end (PACK=0: not).
 set -uo pipefail
@@ -70,8 +71,10 @@ if has repro; then stamp repro
   for d in "${dirs[@]}"; do cp -r "$d/diag_early" "$d/diag_late" "$OUT/repro/" 2>/dev/null; done
 fi
 if has scale; then stamp scale
+  # 48 blocks: whole batches of 8 on 1 and on 2 GPUs. With the 50 blocks of the data, the 1-GPU run's ragged last
+  # batch (2 blocks) re-tuned every GEMM for the new M inside the timed window (8.3k vs 12.9k tokens/s, 2026-11-29)
   common="--from-config ${SCALE_MODEL:-qwen3-0.6b-shape} --train-files hf_lowbit/data --block-size 1024 --batch-size 8 \
-    --max-steps ${SCALE_STEPS:-40} --save-every 0 --eval-fraction 0 --no-progress --report-to none --overwrite ${SCALE_ARGS:-}"
+    --max-train-blocks 48 --max-steps ${SCALE_STEPS:-40} --save-every 0 --eval-fraction 0 --no-progress --report-to none --overwrite ${SCALE_ARGS:-}"
   # 2 GPUs first: the 1-GPU run then finds every Triton kernel in the on-disk cache (a cold 1-GPU FP4 run measured
   # JIT compilation inside its timed window: 6.8k tokens/s on 2026-11-29, vs 25.9k for 2 GPUs)
   for prec in bf16 nvfp4-averis; do
@@ -93,7 +96,9 @@ if has profile; then stamp profile
   for fmt in nvfp4 mxfp4; do
     timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_experts.py --format $fmt --out "$OUT/profile_experts_$fmt.txt" 2>&1 | tail -32
   done
-  timeout ${PROFILE_TIMEOUT:-180} python3 scripts/profile_train_step.py --out "$OUT/profile_train_step.json" 2>&1 \
+  timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_linear_host.py --out "$OUT/profile_linear_host.json" 2>&1 \
+    | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep "us/call"
+  timeout ${PROFILE_TIMEOUT:-180} python3 scripts/profile_train_step.py --host-rows 40 --out "$OUT/profile_train_step.json" 2>&1 \
     | grep -v Warn | tee "$OUT/profile_train_step.log" | grep "^==\| / "
 fi
 stamp done

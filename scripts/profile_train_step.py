@@ -77,15 +77,44 @@ def profile_precision(precision: str, args: argparse.Namespace, device: torch.de
         step()
         _sync(device)
     events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else None
+    device_us = kernel_time_us(prof.events()) if device.type == "cuda" else None
     key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60)
+    host = None
+    if args.host_rows:
+        host = host_profile(step, device, args.host_rows)
     step_s = statistics.median(times)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
     return {"precision": precision, "step_s_median": step_s, "step_s": times,
             "tokens_per_s": args.batch * args.seq / step_s,
             "device_time_s": None if device_us is None else device_us / 1e6,
-            "kernel_launches_per_step": launches or None, "table": table}
+            "kernel_launches_per_step": launches or None, "table": table, "host_table": host}
+
+
+def kernel_time_us(events: Any) -> float:
+    """Summed duration of the device-side events (kernels, memcpy/memset) of one profile, in µs.
+
+    Only device events count: an operator's `self_device_time_total` repeats the time of the kernels it launched
+    (a Triton kernel appears both under the autograd Function that launched it and as itself), so summing it over
+    `key_averages()` double-counts."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return float(sum(e.device_time_total for e in events if e.device_type == cuda))
+
+
+def host_profile(step: Any, device: torch.device, rows: int) -> str:
+    """cProfile of one step: the Python functions that cost host time (a host-bound step's breakdown)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    _sync(device)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -100,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=20, help="kernels listed per precision")
+    p.add_argument("--host-rows", type=int, default=0,
+                   help="also cProfile one step and list this many Python functions by own host time (0: off)")
     p.add_argument("--out", type=Path, help="also write the results (without the tables) as JSON; must not exist")
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
@@ -107,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if bad or not precisions:
         p.error(f"--precisions={args.precisions!r} is not valid; allowed: comma list of {', '.join(PRECISIONS)}")
     for flag, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
-                             ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1)):
+                             ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1),
+                             ("--host-rows", args.host_rows, 0)):
         if value < low:
             p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
     if args.out is not None and args.out.exists():
@@ -120,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         dev = "-" if r["device_time_s"] is None else f"{r['device_time_s'] * 1e3:.1f} ms"
         print(f"\n== {precision}: step {r['step_s_median'] * 1e3:.1f} ms wall, {dev} device, "
               f"{r['tokens_per_s']:.0f} tokens/s, kernel launches {r['kernel_launches_per_step']}\n{r['table']}")
+        if r["host_table"]:
+            print(f"-- host time by Python function ({precision}, one step under cProfile)\n{r['host_table']}")
     if len(results) > 1:
         base = results[0]["tokens_per_s"]
         for r in results[1:]:
@@ -127,8 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.out is not None:
         meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
                 "config": args.config, "batch": args.batch, "seq": args.seq}
-        args.out.write_text(json.dumps({**meta, "results": [{k: v for k, v in r.items() if k != "table"}
-                                                            for r in results]}, indent=2))
+        kept = [{k: v for k, v in r.items() if k not in ("table", "host_table")} for r in results]
+        args.out.write_text(json.dumps({**meta, "results": kept}, indent=2))
     return results
 
 

@@ -317,3 +317,35 @@ def test_per_call_integers_are_not_specialized_on():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_row']", "['seed']", "['M']"]
+
+
+def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):
+    """The dense GEMM picks its tile config by measuring on first use of a shape class and reuses it for every M in
+    the same power-of-two bucket (a ragged last batch or a new sequence length must not re-benchmark every GEMM of
+    the model inside training); results equal the torch product for every config it may pick."""
+    import triton.testing
+
+    from hf_lowbit.kernels import gemm
+
+    calls = []
+
+    def fake_bench(fn, warmup, rep):
+        calls.append(1)
+        fn()  # runs the candidate config for real
+        return [3.0, 1.0, 2.0, 5.0, 4.0][(len(calls) - 1) % 5]  # the second config is "fastest"
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gemm, "_BEST", {})
+    g = _gen(3)
+    n, k = 24, 64
+    b = torch.randn(n, k, generator=g).to(torch.bfloat16).to(DEV)
+    for m, expect_calls in ((100, 5), (128, 5), (65, 5), (129, 10)):
+        a = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+        args = (a[None], b[None], torch.empty(1, m, n, device=DEV), m, n, k, a.stride(0), a.stride(1),
+                b.stride(0), b.stride(1), n, 1) + (torch.ones(1, device=DEV),) * 8 + (0, 0, 0)
+        common = dict(HAS_SCALE=False, HAS_VROW=False, HAS_R1=False, HAS_R2=False, HAS_RMASK=False, ROUND_BF16=False)
+        gemm._launch_tuned(args, m, n, k, 1, common)
+        assert len(calls) == expect_calls, (m, len(calls))
+        torch.testing.assert_close(args[2][0], a.float() @ b.float().t(), rtol=1e-5, atol=1e-4)
+    assert [gemm.m_bucket(m) for m in (1, 64, 65, 128, 129, 8192, 8193)] == [64, 64, 128, 128, 256, 8192, 16384]
+    assert all(cfg is gemm._CONFIGS[1] for cfg in gemm._BEST.values()) and len(gemm._BEST) == 2

@@ -13,6 +13,7 @@ from conftest import kernel_test_device
 DEV = kernel_test_device()
 
 from hf_lowbit.averis import center, grouped_averis_linear  # noqa: E402
+from hf_lowbit.backend import TorchBackend  # noqa: E402
 from hf_lowbit.config import LowBitConfig  # noqa: E402
 from hf_lowbit.kernels.grouped import group_stats, triton_grouped_linear_train  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend  # noqa: E402
@@ -153,9 +154,10 @@ def test_moe_model_trains_the_same_through_the_grouped_path(monkeypatch, tiny_mo
     results = []
     for grouped in (False, True):
         model = load_checked(tiny_model_dir("qwen3_moe"), recipe_cfg)
-        if grouped:
-            monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
-            monkeypatch.setattr(experts_mod, "resolve_backend", lambda name, device: TritonBackend())
+        # the reference run must not resolve to the Triton backend ("auto" does on CUDA)
+        backend = TritonBackend() if grouped else TorchBackend()
+        monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
+        monkeypatch.setattr(experts_mod, "resolve_backend", lambda name, device, b=backend: b)
         model.to(DEV)
         out = model(ids.to(DEV), labels=ids.to(DEV))
         out.loss.backward()

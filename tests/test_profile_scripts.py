@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import profile_experts  # noqa: E402
@@ -21,6 +22,24 @@ def test_train_step_profile_compares_precisions(tmp_path):
     assert all(r["tokens_per_s"] > 0 and "Name" in r["table"] for r in results)
     saved = json.loads(out.read_text())
     assert saved["device"] == "cpu" and len(saved["results"]) == 2 and "table" not in saved["results"][0]
+
+
+def test_host_profile_names_the_fp4_layers(tmp_path):
+    results = profile_train_step.main(["--config", "qwen3-tiny", "--vocab", "256", "--batch", "2", "--seq", "16",
+                                       "--precisions", "nvfp4-averis", "--warmup", "1", "--steps", "1",
+                                       "--rows", "3", "--host-rows", "400"])
+    host = results[0]["host_table"]
+    assert "function calls" in host and "layers.py" in host  # the LowBitLinear forward shows up by file
+
+
+def test_device_time_counts_device_events_only():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cpu, device_time_total=500.0),   # the op that launched the kernel
+              SimpleNamespace(device_type=cuda, device_time_total=120.0),  # the kernel itself
+              SimpleNamespace(device_type=cuda, device_time_total=30.5)]
+    assert profile_train_step.kernel_time_us(events) == 150.5
 
 
 def test_profiles_refuse_bad_input(tmp_path, capsys):
@@ -43,3 +62,19 @@ def test_experts_profile_tiny(tmp_path):
     profile_experts.main(["--tiny", "--rows", "3", "--out", str(out)])
     text = out.read_text()
     assert "experts fwd+bwd" in text and "GroupedAverisLinear" in text  # the FP4 experts op ran and was profiled
+
+
+def test_linear_host_profile_refuses_bad_input_and_a_cpu_only_machine(tmp_path, capsys):
+    import profile_linear_host
+
+    out = tmp_path / "keep.json"
+    out.write_text("keep")
+    cases = [(["--k", "8"], "--k=8 is not valid"), (["--iters", "0"], "--iters=0 is not valid"),
+             (["--out", str(out)], "exists")]
+    if not torch.cuda.is_available():
+        cases.append(([], "no CUDA device"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            profile_linear_host.main(argv)
+        assert message in capsys.readouterr().err
+    assert out.read_text() == "keep"

@@ -1,0 +1,149 @@
+"""Host (CPU) vs device cost of one FP4 `LowBitLinear` step and of each launch inside it, on a GPU.
+
+    python scripts/profile_linear_host.py [--m 8192 --k 1024 --n 3072] [--iters 100] [--host-rows 30] [--out r.json]
+
+For each piece (the fused quantizer, the GEMM, the mean GEMV, a bare Triton launch, the whole Averis linear fwd+bwd
+and BF16 `nn.Linear` fwd+bwd) it reports the host time per call (what the Python thread spends enqueueing it) and
+the device time per call (GPU execution only; see `host_and_device_us`). A piece whose host time exceeds its
+device time leaves the GPU idle when the model's layers are small: the P4 question of PERFORMANCE.md. With
+`--host-rows` it also prints a cProfile of the fwd+bwd loop (which Python functions the host time goes to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def host_and_device_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
+    """(host µs per call, device µs per call) of `fn` after two warm-up calls.
+
+    Host: median duration of single calls issued with the GPU idle (what the Python thread spends enqueueing).
+    Device: CUDA events around `iters` back-to-back calls queued behind a sleep kernel long enough to cover their
+    enqueueing, so the events measure GPU execution only, not host gaps."""
+    import statistics
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    single = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        single.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    host = statistics.median(single)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(2e9 * (1.5 * host * iters + 2e-3)))  # ~2 GHz SM clock: cycles covering the enqueueing
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return host * 1e6, start.elapsed_time(end) * 1e3 / iters
+
+
+def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
+    """The callables to time, on fixed random CUDA tensors."""
+    import triton
+    import triton.language as tl
+
+    from hf_lowbit.config import LowBitConfig
+    from hf_lowbit.kernels.gemm import matvec, scaled_gemm
+    from hf_lowbit.kernels.linear import triton_linear_train
+    from hf_lowbit.kernels.quantize import averis_quantize
+
+    @triton.jit
+    def _noop(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
+    w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16, generator=gen)
+    recipe = LowBitConfig().recipe()
+    qa = averis_quantize(x, "nvfp4", center=True, row=True, row_packed=False, row_dq=True)
+    qb = averis_quantize(w.detach(), "nvfp4", center=False, row=True, row_packed=False, row_dq=True)
+    small = torch.zeros(128, device=dev)
+    lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+    vec = torch.randn(k, device=dev)
+
+    def fp4_step() -> None:
+        y = triton_linear_train(xg, w, None, recipe, 7)
+        y.backward(dy)
+
+    def bf16_step() -> None:
+        lin(xg).backward(dy)
+
+    return {
+        "triton noop launch": lambda: _noop[(1,)](small, 128, BLOCK=128),
+        "torch.empty": lambda: torch.empty(k, device=dev),
+        "averis_quantize x (row+col)": lambda: averis_quantize(x, "nvfp4", center=True, row=True, row_packed=False,
+                                                               row_dq=True, col=True, col_packed=False, col_dq=True,
+                                                               col_sum=True),
+        "averis_quantize w (row)": lambda: averis_quantize(w.detach(), "nvfp4", center=False, row=True,
+                                                           row_packed=False, row_dq=True),
+        "scaled_gemm fprop": lambda: scaled_gemm(qa.row_dq, qb.row_dq, torch.bfloat16, qa.tensor_scale,
+                                                 qb.tensor_scale, None),
+        "matvec W.mu": lambda: matvec(qb.row_dq, vec),
+        "fp4 averis linear fwd+bwd": fp4_step,
+        "bf16 nn.Linear fwd+bwd": bf16_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", type=int, default=8192)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--n", type=int, default=3072)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--host-rows", type=int, default=30, help="cProfile rows of the FP4 fwd+bwd loop (0: off)")
+    p.add_argument("--out", type=Path, help="write the results as JSON; must not exist")
+    args = p.parse_args(argv)
+    for flag, value, low in (("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
+                             ("--host-rows", args.host_rows, 0)):
+        if value < low:
+            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    if args.out is not None and args.out.exists():
+        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    if not torch.cuda.is_available():
+        p.error("no CUDA device: this script measures GPU launch overhead; allowed: a machine with a CUDA GPU")
+    rows = []
+    fns = pieces(args.m, args.k, args.n)
+    for name, fn in fns.items():
+        host, device = host_and_device_us(fn, args.iters)
+        rows.append({"name": name, "host_us": host, "device_us": device})
+        print(f"{name:32s} host {host:9.1f} us/call   device {device:9.1f} us/call")
+    if args.host_rows:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            fns["fp4 averis linear fwd+bwd"]()
+        torch.cuda.synchronize()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.host_rows)
+        print(buf.getvalue())
+    if args.out is not None:
+        import triton
+
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "m": args.m, "k": args.k, "n": args.n, "iters": args.iters}
+        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
