@@ -176,8 +176,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         is_nv = get_format(recipe.format).scale_kind == "e4m3"
         g = dy.shape[0]
+        # padding rows need no zeroing here: the stats skip them and the quantizer writes them as 0 (rowok)
         d = F.pad(dy, (0, 0, 0, lp - length)) if lp != length else dy
-        d = d * mp[..., None].to(d.dtype)
         mu_d, ts_d = group_stats(d, mp, counts, recipe.center_gradients, is_nv)
         d_row, d_col = grouped_quantize_dq(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d,
                                            recipe.format, "sr" if recipe.sr_gradients else "rtn",

@@ -28,6 +28,7 @@ from hf_lowbit.layers import LowBitLinear, to_row_blocks
 from hf_lowbit.numerics import PackedTensor, dequantize, get_format, quantize
 
 MATRICES = ("gate_up_proj", "down_proj")
+CAPACITY_MULTIPLE = 32  # the largest FP4 block size (MXFP4)
 
 
 @dataclass
@@ -53,7 +54,10 @@ class Routing:
         counts = torch.bincount(expert, minlength=num_experts)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(len(expert), device=flat.device) - starts[expert]
-        capacity = max(int(counts.max().item()) if len(expert) else 0, 1)
+        # rows per expert rounded up to a whole number of FP4 blocks along the token axis (32 covers NVFP4 and MXFP4):
+        # the wgrad operands' token-axis blocks then never need a padding copy of the activations or gradients
+        longest = int(counts.max().item()) if len(expert) else 0
+        capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
         mask = torch.zeros(num_experts, capacity, device=flat.device)
         mask[expert, pos] = 1.0
         return cls(expert, pos, order // k, order % k, mask, capacity)
