@@ -48,6 +48,35 @@ def host_and_device_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]
     return host * 1e6, start.elapsed_time(end) * 1e3 / iters
 
 
+def cuda_api_summary(fn: Callable[[], Any], calls: int = 5) -> dict[str, tuple[float, float]]:
+    """CUDA runtime/driver API calls that `fn` makes: {name: (calls per fn call, host µs per fn call)}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.count / calls, e.cpu_time_total / calls) for e in prof.key_averages()
+            if e.key.startswith(("cuda", "cu")) and not e.key.startswith("cudaDeviceSynchronize")}
+
+
+def sync_warnings(fn: Callable[[], Any]) -> list[str]:
+    """Messages of the synchronizing CUDA calls that one call of `fn` makes (torch's sync debug mode)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
 def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
     """The callables to time, on fixed random CUDA tensors."""
     import triton
@@ -60,6 +89,11 @@ def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
 
     @triton.jit
     def _noop(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def _noop16(x_ptr, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
@@ -83,8 +117,19 @@ def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
     def bf16_step() -> None:
         lin(xg).backward(dy)
 
+    y_kept = triton_linear_train(xg, w, None, recipe, 7)
+
+    def fp4_fwd() -> None:
+        triton_linear_train(xg, w, None, recipe, 7)
+
+    def fp4_bwd() -> None:
+        y_kept.backward(dy, retain_graph=True)
+
+    ptrs = [torch.zeros(16, device=dev) for _ in range(15)]
+
     return {
         "triton noop launch": lambda: _noop[(1,)](small, 128, BLOCK=128),
+        "triton noop, 16 pointer args": lambda: _noop16[(1,)](small, *ptrs, 128, BLOCK=128),
         "torch.empty": lambda: torch.empty(k, device=dev),
         "averis_quantize x (row+col)": lambda: averis_quantize(x, "nvfp4", center=True, row=True, row_packed=False,
                                                                row_dq=True, col=True, col_packed=False, col_dq=True,
@@ -94,6 +139,8 @@ def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
         "scaled_gemm fprop": lambda: scaled_gemm(qa.row_dq, qb.row_dq, torch.bfloat16, qa.tensor_scale,
                                                  qb.tensor_scale, None),
         "matvec W.mu": lambda: matvec(qb.row_dq, vec),
+        "fp4 averis linear fwd": fp4_fwd,
+        "fp4 averis linear bwd": fp4_bwd,
         "fp4 averis linear fwd+bwd": fp4_step,
         "bf16 nn.Linear fwd+bwd": bf16_step,
     }
@@ -122,6 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         host, device = host_and_device_us(fn, args.iters)
         rows.append({"name": name, "host_us": host, "device_us": device})
         print(f"{name:32s} host {host:9.1f} us/call   device {device:9.1f} us/call")
+    api = cuda_api_summary(fns["fp4 averis linear fwd+bwd"])
+    print("CUDA API calls per FP4 fwd+bwd (count, host µs):",
+          ", ".join(f"{k} {c:.0f} / {t:.0f}" for k, (c, t) in sorted(api.items(), key=lambda kv: -kv[1][1])))
+    syncs = sync_warnings(fns["fp4 averis linear fwd+bwd"])
+    print(f"synchronizing CUDA calls in one FP4 fwd+bwd: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs[:5]))
     if args.host_rows:
         import cProfile
         import io
@@ -141,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                 "m": args.m, "k": args.k, "n": args.n, "iters": args.iters}
-        args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({**meta, "rows": rows, "cuda_api_per_step": api, "sync_calls": syncs},
+                                       indent=2))
     return rows
 
 
