@@ -615,8 +615,9 @@ def _make_callbacks(run_info: dict, resume: str | None):
 
         def on_train_begin(self, args, state, control, **kw):
             warmup = min(max(2, state.max_steps // 10), max(0, state.max_steps - 1))
-            tokens = run_info["global_batch"] * run_info["block_size"]
-            self.meter = _Throughput(tokens, state.global_step + warmup)
+            blocks = blocks_per_update_step(run_info["train_blocks"], args.per_device_train_batch_size,
+                                            args.gradient_accumulation_steps, args.world_size)
+            self.meter = _Throughput([b * run_info["block_size"] for b in blocks], state.global_step + warmup)
 
         def on_step_end(self, args, state, control, **kw):
             self.meter.step_end(state.global_step, state.max_steps)
@@ -627,12 +628,29 @@ def _make_callbacks(run_info: dict, resume: str | None):
     return [JsonLogCallback(), SRStateCallback(), ThroughputCallback()]
 
 
+def blocks_per_update_step(n_blocks: int, batch: int, accum: int, world: int) -> list[int]:
+    """Training blocks in each optimizer step of one epoch, as Trainer schedules them (no drop_last).
+
+    One process: the last micro-batch of an epoch is ragged and the last step may have fewer micro-batches. Several
+    processes: Accelerate's `even_batches` completes every rank's micro-batches, so each has `batch` blocks per rank.
+    """
+    if world > 1:
+        micro = [batch * world] * -(-n_blocks // (batch * world))
+    else:
+        micro = [batch] * (n_blocks // batch) + ([n_blocks % batch] if n_blocks % batch else [])
+    return [sum(micro[i:i + accum]) for i in range(0, len(micro), accum)]
+
+
 class _Throughput:
     """Steady-state training throughput: tokens/s over the optimizer steps after the first `warmup` (compilation,
-    autotuning and allocator warm-up excluded), measured between two device synchronisations."""
+    autotuning and allocator warm-up excluded), measured between two device synchronisations.
 
-    def __init__(self, tokens_per_step: int, warmup: int) -> None:
-        self.tokens_per_step, self.warmup = tokens_per_step, warmup
+    `step_tokens`: tokens of every optimizer step of an epoch (the schedule repeats each epoch), or one number for
+    all steps; a ragged last batch is counted as what it is, not as a full batch."""
+
+    def __init__(self, step_tokens: list[int] | int, warmup: int) -> None:
+        self.step_tokens = [step_tokens] if isinstance(step_tokens, int) else list(step_tokens)
+        self.warmup = warmup
         self.start: tuple[int, float] | None = None
         self.end: tuple[int, float] | None = None
 
@@ -653,7 +671,9 @@ class _Throughput:
     def tokens_per_s(self) -> float | None:
         if self.start is None or self.end is None or self.end[0] <= self.start[0]:
             return None
-        return (self.end[0] - self.start[0]) * self.tokens_per_step / (self.end[1] - self.start[1])
+        per_epoch = self.step_tokens
+        tokens = sum(per_epoch[(step - 1) % len(per_epoch)] for step in range(self.start[0] + 1, self.end[0] + 1))
+        return tokens / (self.end[1] - self.start[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

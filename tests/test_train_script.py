@@ -298,9 +298,59 @@ def test_precision_mismatch_with_checkpoint_is_refused(tiny_run, tmp_path):
 
 def test_throughput_meter_counts_steady_steps_only(monkeypatch):
     clock = iter([10.0, 14.0])
-    meter = T._Throughput(tokens_per_step=100, warmup=2)
+    meter = T._Throughput(step_tokens=100, warmup=2)
     monkeypatch.setattr(T._Throughput, "_now", staticmethod(lambda: next(clock)))
     for step in range(1, 7):
         meter.step_end(step, max_steps=6)
     assert meter.tokens_per_s() == (6 - 2) * 100 / 4.0
     assert T._Throughput(100, warmup=2).tokens_per_s() is None  # never reached the end
+    clock = iter([10.0, 14.0])
+    ragged = T._Throughput([100, 100, 20], warmup=2)  # epochs of three steps, the last one ragged
+    for step in range(1, 8):
+        ragged.step_end(step, max_steps=7)
+    assert ragged.tokens_per_s() == (20 + 100 + 100 + 20 + 100) / 4.0  # steps 3..7
+
+
+@pytest.mark.parametrize("n,batch,accum,world,expected", [
+    (50, 8, 1, 1, [8] * 6 + [2]),          # the 2026-11-29 benchmark: a ragged last batch on one GPU
+    (48, 8, 1, 1, [8] * 6),
+    (50, 8, 1, 2, [16] * 4),               # even_batches: every rank gets whole batches
+    (50, 4, 3, 1, [12] * 4 + [2]),         # 13 micro-batches: four full steps, then one of a 2-block batch
+    (7, 4, 2, 1, [7]),
+    (10, 2, 2, 2, [8, 4]),                  # 3 micro-batches per rank: a full step and a one-micro-batch step
+])
+def test_blocks_per_update_step(n, batch, accum, world, expected):
+    assert T.blocks_per_update_step(n, batch, accum, world) == expected
+
+
+def test_throughput_schedule_matches_what_trainer_feeds(tiny_run, tmp_path):
+    """The token schedule the meter assumes equals the tokens Trainer actually feeds per optimizer step on a
+    ragged dataset (counted with a forward hook): tokens/s stays exact when the data is not whole batches."""
+    from transformers import TrainerCallback, Trainer
+
+    seen, per_step = [0], []
+
+    class Count(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            model.register_forward_pre_hook(lambda m, a, kw_: seen.__setitem__(0, seen[0] + kw_["input_ids"].numel())
+                                            if m.training else None, with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            per_step.append(seen[0] - sum(per_step))
+
+    real_init = Trainer.__init__
+
+    def init(self, *a, **kw):
+        kw["callbacks"] = list(kw.get("callbacks") or []) + [Count()]
+        real_init(self, *a, **kw)
+
+    out = tmp_path / "ragged"
+    import unittest.mock as um
+    with um.patch.object(Trainer, "__init__", init):
+        assert T.main(_tiny(tiny_run[0] / "tokenizer", out, "--batch-size", "3", "--grad-accum", "2",
+                            "--max-steps", "9", "--eval-fraction", "0")) == 0
+    info = json.loads((out / "log.json").read_text())["run"]
+    blocks = T.blocks_per_update_step(info["train_blocks"], 3, 2, 1)
+    assert info["train_blocks"] % 6 != 0, "the test needs a ragged epoch"
+    expected = [blocks[i % len(blocks)] * info["block_size"] for i in range(9)]
+    assert per_step == expected
