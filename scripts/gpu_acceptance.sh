@@ -3,6 +3,8 @@
 #   STAGES="core demo mhmoe calib" bash scripts/gpu_acceptance.sh          # one GPU
 #   STAGES="repro moe scale" bash scripts/gpu_acceptance.sh                # two GPUs
 # Stages:
+#   host   scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it, Triton's
+#          launch path vs direct launches (A/B), the synchronizing CUDA calls of one fwd+bwd
 #   core   GPU test subset (kernels without the interpreter; MoE, training, SD-MoE, MH-MoE tests) with xdist
 #   demo   hf-lowbit demo (BF16 vs NVFP4 through Trainer, finalize, save, reload, generate)
 #   mhmoe  continual-learning sequence: LoRAMoE (H=1, r=9) vs MH-MoE (H=8, r=2) at matched activated parameters
@@ -14,7 +16,6 @@
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
 #          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
 #   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4);
-#            scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it;
 #            scripts/profile_train_step.py: host vs device time of a qwen3-0.6b-shape training step, BF16 vs NVFP4
 # Everything under $OUT is packed into $OUT/results.tgz at the end (PACK=0: not).
 set -uo pipefail
@@ -31,6 +32,10 @@ python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/env.log" 2>
 python3 -c "import torch, transformers, peft, accelerate, triton; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" 2>&1 | tee -a "$OUT/env.log"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
+if has host; then stamp host
+  timeout ${HOST_TIMEOUT:-150} python3 scripts/profile_linear_host.py --iters 50 --out "$OUT/profile_linear_host.json" \
+    2>&1 | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep -v "^ \+[0-9]\+ \+[0-9.]\+ "
+fi
 if has core; then stamp core
   timeout ${CORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_kernels_grouped.py tests/test_kernels_mx_fp8.py tests/test_moe.py \
     tests/test_training.py tests/test_sd_moe.py tests/test_mhmoe.py tests/test_averis.py 2>&1 | tail -15 | tee "$OUT/core_tests.log"
@@ -96,8 +101,6 @@ if has profile; then stamp profile
   for fmt in nvfp4 mxfp4; do
     timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_experts.py --format $fmt --out "$OUT/profile_experts_$fmt.txt" 2>&1 | tail -32
   done
-  timeout ${PROFILE_TIMEOUT:-120} python3 scripts/profile_linear_host.py --out "$OUT/profile_linear_host.json" 2>&1 \
-    | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep "us/call"
   timeout ${PROFILE_TIMEOUT:-180} python3 scripts/profile_train_step.py --host-rows 40 --out "$OUT/profile_train_step.json" 2>&1 \
     | grep -v Warn | tee "$OUT/profile_train_step.log" | grep "^==\| / "
 fi
