@@ -62,15 +62,24 @@ class Routing:
         mask[expert, pos] = 1.0
         return cls(expert, pos, order // k, order % k, mask, capacity)
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """[n] row of each kept assignment in the flattened ``[E·C, ·]`` layout."""
+        return self.expert * self.capacity + self.pos
+
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable)."""
+        """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable).
+
+        Row copies through one flat index (`index_select` / `index_copy`, whose backward passes are again row
+        gathers/scatters) instead of a two-tensor advanced index over [E, C, H]."""
         e, c = self.mask.shape
-        x = hidden.new_zeros(e, c, hidden.shape[-1])
-        return x.index_put((self.expert, self.pos), hidden[self.token])
+        x = hidden.new_zeros(e * c, hidden.shape[-1]).index_copy(0, self.rows, hidden.index_select(0, self.token))
+        return x.view(e, c, hidden.shape[-1])
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype."""
-        rows = y[self.expert, self.pos] * weights[self.token, self.slot, None]
+        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.rows)
+        rows = picked * weights[self.token, self.slot, None]
         return torch.zeros_like(like).index_add(0, self.token, rows.to(like.dtype))
 
 

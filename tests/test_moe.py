@@ -100,6 +100,40 @@ def test_dropped_assignments_and_empty_experts():
     assert torch.equal(out, only) and torch.isfinite(out).all()
 
 
+def test_routing_layout_gather_and_combine_with_gradients():
+    """Expert-major layout: rows per expert rounded up to 32, each (token, slot) at [expert, pos], zeros on padding;
+    combine sums weight × row per token; gradients of both equal a per-assignment loop."""
+    from hf_lowbit.model_patches import Routing
+
+    gen = torch.Generator().manual_seed(3)
+    t, k, e, hdim = 9, 2, 5, 6
+    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    idx[0, 1] = e  # another rank's expert: dropped
+    hidden = torch.randn(t, hdim, generator=gen, requires_grad=True)
+    weights = torch.rand(t, k, generator=gen)
+    r = Routing.from_top_k(idx, e)
+    assert r.capacity == 32 and r.mask.shape == (e, 32) and int(r.mask.sum()) == t * k - 1
+    x = r.gather(hidden)
+    y = torch.randn(e, 32, hdim, generator=gen, requires_grad=True)
+    out = r.combine(y, weights, hidden)
+    (x.square().sum() + out.square().sum()).backward()
+    hidden_ref, y_ref = hidden.detach().clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    x_ref = torch.zeros(e, 32, hdim)
+    out_ref = torch.zeros(t, hdim)
+    fill = [0] * e  # the layout is stable: an expert's rows in token order
+    for ex in range(e):
+        for token in range(t):
+            for slot in range(k):
+                if idx[token, slot] == ex:
+                    x_ref = x_ref.index_put((torch.tensor(ex), torch.tensor(fill[ex])), hidden_ref[token])
+                    out_ref = out_ref.index_add(0, torch.tensor([token]),
+                                                (y_ref[ex, fill[ex]] * weights[token, slot])[None])
+                    fill[ex] += 1
+    (x_ref.square().sum() + out_ref.square().sum()).backward()
+    assert torch.equal(x, x_ref) and torch.allclose(out, out_ref, atol=1e-6)
+    assert torch.allclose(hidden.grad, hidden_ref.grad) and torch.allclose(y.grad, y_ref.grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
 def test_router_logits_and_aux_loss_still_present(kind, tiny_model_dir, input_ids):
     model = _load(tiny_model_dir(kind), LowBitConfig())
