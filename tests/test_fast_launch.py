@@ -36,7 +36,8 @@ def _triton_spec(p, v):
 def test_key_separates_every_triton_specialization():
     base = torch.zeros(64, dtype=torch.float32)
     values = {
-        "int": [0, 1, 2, 15, 16, 17, 32, -16, -1, 2 ** 31 - 16, 2 ** 31, 2 ** 31 + 1, -(2 ** 31) - 16, 2 ** 40, 2 ** 63],
+        "int": [0, 1, 2, 15, 16, 17, 32, -16, -1, 2 ** 31 - 16, 2 ** 31, 2 ** 31 + 1, -(2 ** 31) - 16, 2 ** 40,
+                2 ** 63],
         "tensor": [base[0:4], base[1:5], base[4:8], base.to(torch.bfloat16)[8:12], base.to(torch.bfloat16)[9:12],
                    base.to(torch.uint8)[16:], base.to(torch.uint8)[17:]],
         "other": [True, False, 1.5, 0.0, None],
