@@ -137,6 +137,19 @@ def _rtn_boundaries(device: torch.device) -> torch.Tensor:
     return b
 
 
+_GRID_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _e2m1_grid(device: torch.device) -> torch.Tensor:
+    """The non-negative E2M1 values on `device`, built once per device: a fresh `torch.tensor(..., device=cuda)`
+    per call is a blocking host-to-device copy, which waits for all queued GPU work."""
+    g = _GRID_CACHE.get(device)
+    if g is None:
+        g = torch.tensor(E2M1_GRID, dtype=torch.float32).to(device)
+        _GRID_CACHE[device] = g
+    return g
+
+
 def round_to_e2m1(a: torch.Tensor, rounding: Rounding = "rtn", generator: torch.Generator | None = None,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """Round already-scaled FP32 values to 4-bit E2M1 codes (uint8, one code per element).
@@ -152,7 +165,7 @@ def round_to_e2m1(a: torch.Tensor, rounding: Rounding = "rtn", generator: torch.
         # code is even stay as they are (a tie stays below), the others are moved one ulp down (a tie goes up).
         idx = torch.bucketize(torch.nan_to_num(mag, nan=0.0).contiguous(), _rtn_boundaries(a.device))
     elif rounding == "sr":
-        grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=a.device)
+        grid = _e2m1_grid(a.device)
         clipped = torch.nan_to_num(mag.clamp(max=E2M1_MAX), nan=0.0).contiguous()
         lo = (torch.bucketize(clipped, grid, right=True) - 1).clamp(0, 6)
         lo_val = grid[lo]

@@ -1068,3 +1068,17 @@ def test_divide_exactly_is_correctly_rounded(device):
     for divisor in (2688.0, 6.0):
         expected = (t.double() / divisor).float()
         assert torch.equal(divide_exactly(t, divisor), expected)
+
+
+def test_sr_grid_is_built_once_per_device():
+    """The SR grid lives on the device once (a per-call `torch.tensor(..., device=cuda)` is a blocking copy that
+    waits for the GPU); rounding results are unchanged by the cache."""
+    from hf_lowbit import numerics
+
+    a = torch.tensor([0.3, 1.1, 2.9, 5.5, 7.0])
+    noise = torch.full_like(a, 0.5)
+    first = numerics.round_to_e2m1(a, "sr", noise=noise)
+    grid = numerics._e2m1_grid(a.device)
+    assert numerics._e2m1_grid(a.device) is grid and grid.tolist() == list(numerics.E2M1_GRID)
+    assert torch.equal(numerics.round_to_e2m1(a, "sr", noise=noise), first)
+    assert first.tolist() == [1, 2, 5, 7, 7]  # up iff noise 0.5 < p_up: p_up = 0.6, 0.2, 0.9, 0.75, 1 (saturated)
