@@ -22,7 +22,12 @@ from hf_lowbit.kernels._common import interpreting
 
 __all__ = ["direct_launch", "fast_launch_enabled", "set_fast_launch", "specialization_key"]
 
-_ENABLED = os.environ.get("HF_LOWBIT_FAST_LAUNCH", "0") == "1"
+_ENV = "HF_LOWBIT_FAST_LAUNCH"
+_ENV_VALUE = os.environ.get(_ENV, "0")
+#: a bad value is reported at the first launch (an exception at import would silently drop the Triton backend)
+_ENV_ERROR = None if _ENV_VALUE in ("0", "1") else \
+    f"{_ENV}={_ENV_VALUE!r} is not valid; allowed: '0' (Triton's launch path, default) or '1' (direct launches)"
+_ENABLED = _ENV_VALUE == "1"
 _I32 = (-(2 ** 31), 2 ** 31)
 _U64 = 2 ** 63
 
@@ -95,6 +100,8 @@ class DirectLauncher:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid: Any, args: tuple, kwargs: dict) -> Any:
+        if _ENV_ERROR is not None:
+            raise ValueError(_ENV_ERROR)
         if not _ENABLED or callable(grid):
             return self.fn[grid](*args, **kwargs)
         try:

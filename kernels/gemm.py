@@ -104,6 +104,11 @@ _CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
 ]
 
+#: small tiles with an FP32 dot: the CPU interpreter (whose BF16 dot is not exact) and FP32 operands
+_SMALL_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_stages=3, num_warps=4)
+#: MoE experts: M (the capacity) changes every step, so one fixed config rather than tuning keyed on it
+_BATCHED_CONFIG = triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8)
+
 #: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -123,19 +128,19 @@ def _launch_tuned(args: tuple, M: int, N: int, K: int, G: int, common: dict) -> 
     if cfg is None:
         from triton.testing import do_bench
 
-        def run(c: triton.Config) -> None:
-            _launch_config(args, M, N, K, G, common, c)
-
-        times = [do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in _CONFIGS]
+        dot_f32 = interpreting()  # only reached there by the tuning test
+        times = [do_bench(lambda c=c: _launch_config(args, M, N, K, G, common, c, dot_f32), warmup=5, rep=20)
+                 for c in _CONFIGS]
         cfg = _CONFIGS[min(range(len(_CONFIGS)), key=times.__getitem__)]
         _BEST[key] = cfg
-    _launch_config(args, M, N, K, G, common, cfg)
+    _launch_config(args, M, N, K, G, common, cfg, interpreting())
 
 
-def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cfg: triton.Config) -> None:
+def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cfg: triton.Config,
+                   dot_f32: bool) -> None:
+    """One launch of the GEMM kernel with tile config `cfg` over G groups."""
     kw = cfg.kwargs
     grid = (cdiv(M, kw["BM"]) * cdiv(N, kw["BN"]), G)
-    dot_f32 = interpreting()  # the interpreter's BF16 dot is not exact; the FP32 dot of BF16 values is
     _gemm_kernel[grid](*args, NUM_K=cdiv(K, kw["BK"]), EVEN_K=K % kw["BK"] == 0, DOT_F32=dot_f32, **kw,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
@@ -170,15 +175,9 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
             vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
             a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0)
     if interpreting() or a.dtype == torch.float32:
-        BM, BN, BK = 32, 32, 32
-        _gemm_kernel[(cdiv(M, BM) * cdiv(N, BN), G)](
-            *args, NUM_K=cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=True, BM=BM, BN=BN, BK=BK, GROUP_M=4,
-            **common)
-    elif batched:  # MoE experts: M (the capacity) changes every step, so no autotuning keyed on it
-        BM, BN, BK = 128, 128, 64
-        _gemm_kernel[(cdiv(M, BM) * cdiv(N, BN), G)](
-            *args, NUM_K=cdiv(K, BK), EVEN_K=K % BK == 0, DOT_F32=False, BM=BM, BN=BN, BK=BK, GROUP_M=8,
-            num_warps=8, num_stages=4, **common)
+        _launch_config(args, M, N, K, G, common, _SMALL_CONFIG, True)
+    elif batched:
+        _launch_config(args, M, N, K, G, common, _BATCHED_CONFIG, False)
     else:
         _launch_tuned(args, M, N, K, G, common)
     return c if batched else c[0]

@@ -181,19 +181,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     syncs = sync_warnings(fns["fp4 averis linear fwd+bwd"])
     print(f"synchronizing CUDA calls in one FP4 fwd+bwd: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs[:5]))
     if args.host_rows:
-        import cProfile
-        import io
-        import pstats
+        from profile_train_step import host_profile  # scripts/ is on sys.path when a script runs
 
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(20):
-            fns["fp4 averis linear fwd+bwd"]()
-        torch.cuda.synchronize()
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.host_rows)
-        print(buf.getvalue())
+        fp4 = fns["fp4 averis linear fwd+bwd"]
+        print(host_profile(lambda: [fp4() for _ in range(20)], torch.device("cuda"), args.host_rows))
     if args.out is not None:
         import triton
 

@@ -102,7 +102,7 @@ def kernel_time_us(events: Any) -> float:
 
 
 def host_profile(step: Any, device: torch.device, rows: int) -> str:
-    """cProfile of one step: the Python functions that cost host time (a host-bound step's breakdown)."""
+    """cProfile of one call of `step`: the Python functions that cost host time (a host-bound step's breakdown)."""
     import cProfile
     import io
     import pstats

@@ -116,3 +116,16 @@ def test_kernels_are_wrapped_only_when_compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["DirectLauncher", "DirectLauncher", "a_ptr"]
+
+
+def test_bad_switch_value_is_refused_at_the_first_launch():
+    """HF_LOWBIT_FAST_LAUNCH other than 0/1 names the variable, the value and what is allowed; importing still works
+    (an import error would silently leave the Triton backend unregistered)."""
+    code = ("import hf_lowbit.kernels._launch as L\n"
+            "from types import SimpleNamespace as S\n"
+            "fn = S(params=[S(name='x', is_constexpr=False, do_not_specialize=False,"
+            " do_not_specialize_on_alignment=False)])\n"
+            "try:\n    L.DirectLauncher(fn)[(1,)](3)\nexcept ValueError as e:\n    print(e)\n")
+    env = {**os.environ, "HF_LOWBIT_FAST_LAUNCH": "yes"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "HF_LOWBIT_FAST_LAUNCH='yes' is not valid; allowed: '0'" in out
