@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, interpreting, tile_offsets
-from hf_lowbit.kernels._launch import direct_launch
 
 __all__ = ["fp8_rowscaled_gemm", "fp8_rowscaled_matvec", "mx_row_scales", "IMPRECISE_ACC", "MX_BLOCK"]
 
@@ -43,7 +42,6 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
-@direct_launch
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, vn_ptr, vm_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
                      M, N, sam, sbn, scm, NUM_K: tl.constexpr,
@@ -82,7 +80,6 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, vn_ptr, vm_ptr, u1_ptr
              mask=mm[:, None] & nm[None, :])
 
 
-@direct_launch
 @triton.jit
 def _fp8_matvec_kernel(w_ptr, s_ptr, v_ptr, out_ptr, R, K, KV, swr, NUM_K: tl.constexpr, BR: tl.constexpr,
                        BK: tl.constexpr):
@@ -106,7 +103,6 @@ def _pow2(e):
     return ((h + 127) << 23).to(tl.float32, bitcast=True) * (((e - h) + 127) << 23).to(tl.float32, bitcast=True)
 
 
-@direct_launch
 @triton.jit
 def _mx_row_scale_kernel(scales_ptr, emax_ptr, rs_ptr, R, NB, NUM_B: tl.constexpr, OFFSET: tl.constexpr,
                          BR: tl.constexpr, BB: tl.constexpr):

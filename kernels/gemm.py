@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, interpreting, next_pow2, tile_offsets
-from hf_lowbit.kernels._launch import direct_launch
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
@@ -42,7 +41,6 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
 
 
 # M is the MoE capacity in the batched case (a new value every step): not specialized on (no recompiles mid-run)
-@direct_launch
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
                  sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg,
@@ -183,7 +181,6 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     return c if batched else c[0]
 
 
-@direct_launch
 @triton.jit
 def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
                      HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
@@ -218,7 +215,6 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
     return out
 
 
-@direct_launch
 @triton.jit
 def _matvec_kernel(a_ptr, sj, si, v_ptr, o_ptr, scale_ptr, J, I, NUM_I: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BJ: tl.constexpr, BI: tl.constexpr):

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, interpreting, next_pow2
-from hf_lowbit.kernels._launch import direct_launch
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
@@ -23,7 +22,6 @@ __all__ = ["w4a16_linear", "MAX_TOKENS"]
 MAX_TOKENS = 64
 
 
-@direct_launch
 @triton.jit
 def _w4a16_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP,
                   NK_PER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, B: tl.constexpr,
@@ -83,7 +81,6 @@ def _e2m1_x2m14(c):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-@direct_launch
 @triton.jit
 def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP,
                       NK_PER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TB: tl.constexpr,
@@ -148,7 +145,6 @@ def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, 
         tl.store(part_ptr + ps * (TB * N) + tb[:, None] * N + n[None, :], res, mask=tm[:, None] & nm[None, :])
 
 
-@direct_launch
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, N, Bsz, SPLIT: tl.constexpr, BB: tl.constexpr,
                           BN: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -21,7 +21,6 @@ import triton.language as tl
 from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
-from hf_lowbit.kernels._launch import direct_launch
 from hf_lowbit.kernels.gemm import scaled_gemm
 from hf_lowbit.kernels.quantize import col_stats_update, grouped_quantize_dq, seed31
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
@@ -36,7 +35,6 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-@direct_launch
 @triton.jit
 def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr, min_ptr,
                             ROWS_PER: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):

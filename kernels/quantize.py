@@ -31,7 +31,6 @@ import triton.language as tl
 
 from hf_lowbit.kernels._common import (cdiv, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
                                        interpreting, next_pow2, round_e2m1)
-from hf_lowbit.kernels._launch import direct_launch
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -58,7 +57,6 @@ def col_stats_update(x, mask, acc_s, acc_max, acc_min):
     return acc_s + x, acc_max, tl.minimum(acc_min, tl.where(mask, x, float("inf")))
 
 
-@direct_launch
 @triton.jit
 def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, amax_ptr, ROWS_PER: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
@@ -83,7 +81,6 @@ def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, amax_
     tl.store(pmin_ptr + ps * K + cols, tl.min(acc_min, axis=0), mask=cmask)
 
 
-@direct_launch
 @triton.jit
 def _finalize_kernel(psum_ptr, pmax_ptr, pmin_ptr, SPLIT, Mf, K, mean_ptr, camax_ptr, amax_ptr,
                      CENTER: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
@@ -203,7 +200,6 @@ def _group_tensor_scale(tsg_ptr, grp, mask):
 # Seeds change every call, and N_MT (the row-tile count) every step in the grouped MoE mode (the capacity changes):
 # specializing on them (Triton specializes ints on `% 16 == 0` and `== 1`) would compile more variants of the
 # kernel, each at a random later training step (a multi-second stall each time).
-@direct_launch
 @triton.jit(do_not_specialize=["seed_row", "seed_col", "N_MT"])
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
@@ -359,7 +355,6 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tl.store(csum_ptr + pm * K + cols, cs_, mask=cmask)
 
 
-@direct_launch
 @triton.jit(do_not_specialize=["seed"])
 def _mean_quant_kernel(mu_ptr, K, amax_ptr, out_ptr, outu_ptr, seed, ts_out_ptr,
                        BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr, SR: tl.constexpr,
@@ -597,7 +592,6 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     return rdq, cdq
 
 
-@direct_launch
 @triton.jit
 def _mx_fold_kernel(codes_ptr, scales_ptr, emax_ptr, out_ptr, R, KH, NB, SHIFT: tl.constexpr,
                     BR: tl.constexpr, BKB: tl.constexpr):

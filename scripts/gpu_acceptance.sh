@@ -3,8 +3,8 @@
 #   STAGES="core demo mhmoe calib" bash scripts/gpu_acceptance.sh          # one GPU
 #   STAGES="repro moe scale" bash scripts/gpu_acceptance.sh                # two GPUs
 # Stages:
-#   host   scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it, Triton's
-#          launch path vs direct launches (A/B), the synchronizing CUDA calls of one fwd+bwd
+#   host   scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it, the
+#          CUDA API calls and the synchronizing CUDA calls of one fwd+bwd
 #   core   GPU test subset (kernels without the interpreter; MoE, training, SD-MoE, MH-MoE tests) with xdist
 #   demo   hf-lowbit demo (BF16 vs NVFP4 through Trainer, finalize, save, reload, generate)
 #   mhmoe  continual-learning sequence: LoRAMoE (H=1, r=9) vs MH-MoE (H=8, r=2) at matched activated parameters

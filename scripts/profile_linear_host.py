@@ -74,7 +74,9 @@ def sync_warnings(fn: Callable[[], Any]) -> list[str]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    # torch's own "sync debug mode is a prototype feature" warning is not a synchronizing call
+    return [str(w.message).splitlines()[0] for w in caught
+            if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message)]
 
 
 def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
@@ -163,18 +165,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     if not torch.cuda.is_available():
         p.error("no CUDA device: this script measures GPU launch overhead; allowed: a machine with a CUDA GPU")
-    from hf_lowbit.kernels._launch import set_fast_launch
-
     rows = []
     fns = pieces(args.m, args.k, args.n)
-    for fast in (False, True):  # Triton's launch path, then direct launches of the compiled kernels (A/B)
-        set_fast_launch(fast)
-        for name, fn in fns.items():
-            host, device = host_and_device_us(fn, args.iters)
-            rows.append({"name": name, "fast_launch": fast, "host_us": host, "device_us": device})
-            print(f"{name:32s} {'direct' if fast else 'triton'} host {host:9.1f} us/call   "
-                  f"device {device:9.1f} us/call")
-    set_fast_launch(False)
+    for name, fn in fns.items():
+        host, device = host_and_device_us(fn, args.iters)
+        rows.append({"name": name, "host_us": host, "device_us": device})
+        print(f"{name:32s} host {host:9.1f} us/call   device {device:9.1f} us/call")
     api = cuda_api_summary(fns["fp4 averis linear fwd+bwd"])
     print("CUDA API calls per FP4 fwd+bwd (count, host µs):",
           ", ".join(f"{k} {c:.0f} / {t:.0f}" for k, (c, t) in sorted(api.items(), key=lambda kv: -kv[1][1])))

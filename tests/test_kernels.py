@@ -349,28 +349,3 @@ def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):
         torch.testing.assert_close(args[2][0], a.float() @ b.float().t(), rtol=1e-5, atol=1e-4)
     assert [gemm.m_bucket(m) for m in (1, 64, 65, 128, 129, 8192, 8193)] == [64, 64, 128, 128, 256, 8192, 16384]
     assert all(cfg is gemm._CONFIGS[1] for cfg in gemm._BEST.values()) and len(gemm._BEST) == 2
-
-
-@pytest.mark.skipif(INTERPRET, reason="direct launches exist only for compiled kernels (the interpreter runs Python)")
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_direct_launches_give_identical_results(fmt):
-    """HF_LOWBIT_FAST_LAUNCH: the Averis linear fwd+bwd (every quantize, stats, GEMM and GEMV kernel, first launches
-    and cached ones) is bit-identical with direct launches and with Triton's launch path, SR included."""
-    from hf_lowbit.kernels import _launch
-
-    x = _act(200, 96, seed=31)
-    w = torch.randn(80, 96, generator=_gen(32)).to(DEV) * 0.1
-    dy = torch.randn(200, 80, generator=_gen(33)).to(torch.bfloat16).to(DEV)
-    recipe = Recipe(format=fmt)  # SR on the gradients (default)
-    results = []
-    for fast in (False, True, True):  # the second direct round runs only cached kernels
-        _launch.set_fast_launch(fast)
-        try:
-            xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            y = triton_linear_train(xi, wi, None, recipe, seed=5)
-            y.backward(dy)
-            results.append((y, xi.grad, wi.grad))
-        finally:
-            _launch.set_fast_launch(False)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
