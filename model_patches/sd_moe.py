@@ -125,15 +125,16 @@ def _project_stack(owner: "SDMoEExperts", slot: Any, uniques: list[tuple[torch.T
         x = torch.cat([g.reshape(c, *shape) for g, c in zip(grads, counts)]).float()
     u, v = _stacked_bases(owner, slot, [part for _, part in items])
     a, b = _dc_factors(x, u, v)
+    left, right = torch.cat([u, b], -1), torch.cat([a, v.mT], -2)  # U A + B Vᵀ as one rank-2k product
     nu = sum(counts[:len(uniques)])
     out = []
     if nu:
-        xu = x[:nu].baddbmm_(u[:nu], a[:nu], alpha=-1).baddbmm_(b[:nu], v[:nu].mT, alpha=-1)
+        xu = x[:nu].baddbmm_(left[:nu], right[:nu], alpha=-1)  # one pass over the gradients
         if alias:
             return
         out += xu.split(counts[:len(uniques)])
     if nu < x.shape[0]:
-        out += torch.bmm(u[nu:], a[nu:]).baddbmm_(b[nu:], v[nu:].mT).split(counts[len(uniques):])
+        out += torch.bmm(left[nu:], right[nu:]).split(counts[len(uniques):])
     torch._foreach_copy_(grads, [o.view(g.shape) for o, g in zip(out, grads)])
 
 

@@ -11,6 +11,8 @@
 #   mhbench  scripts/bench_mhmoe.py: MH-MoE vs LoRAMoE step time, interleaved, on a 1024-wide 8-layer Qwen3 base
 #   sdpretrain  scripts/sd_moe_pretrain.py at GPU size: baseline MoE vs SD-MoE at LR and 4x LR (SDP_ARGS)
 #   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
+#   refresh  scripts/bench_sd_refresh.py: SD-MoE basis refresh time and accuracy per cuSOLVER driver; the fastest
+#          accurate one on the bench_moe model's shape is then used by the moe stage's SD-MoE part
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
@@ -60,8 +62,17 @@ if has calib; then stamp calib
   timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
     --eval-every 20 ${REPRO_ARGS:-} 2>&1 | tail -12 | tee "$OUT/calib.log"
 fi
+SD_DRIVER_ARG=""
+if has refresh; then stamp refresh
+  timeout ${REFRESH_TIMEOUT:-120} python3 scripts/bench_sd_refresh.py --reps 3 --out "$OUT/bench_sd_refresh.json" 2>&1 \
+    | tee "$OUT/bench_sd_refresh.log"
+  best=$(python3 -c "import json, sys; sys.path.insert(0, 'scripts'); from bench_sd_refresh import best_driver, SHAPES; \
+print(best_driver(json.load(open('$OUT/bench_sd_refresh.json'))['rows'], SHAPES[0][0]))" 2>>"$OUT/stages.log")
+  echo "fastest accurate refresh driver: ${best:-none}" | tee -a "$OUT/stages.log"
+  [ -n "$best" ] && [ "$best" != default ] && SD_DRIVER_ARG="--sd-svd-driver $best"
+fi
 if has moe; then stamp moe
-  timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"
+  timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"
 fi
 if has repro; then stamp repro
   IFS=',' read -ra GROUPS_ <<< "${REPRO_GROUPS:-bf16,nvfp4,nvfp4-averis}"

@@ -118,3 +118,23 @@ def test_sd_accumulation_counts_micro_batches(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--out", str(tmp_path / "bad.json"), "--sd-accum", "0"])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bench_sd_refresh_tiny(tmp_path, capsys):
+    """scripts/bench_sd_refresh.py --tiny: a refresh time per driver and top-k subspaces equal to an FP64 SVD's;
+    an existing --out and a bad --rank are refused before any work."""
+    spec = importlib.util.spec_from_file_location("bench_sd_refresh", SCRIPT.parent / "bench_sd_refresh.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "refresh.json"
+    rows = script.main(["--tiny", "--reps", "2", "--out", str(out)])
+    assert [r["driver"] for r in rows] == ["default"] and json.loads(out.read_text())["rows"] == rows
+    assert _positive_finite(rows[0]["median_ms"]) and rows[0]["matrices"] == 6
+    assert rows[0]["subspace_err"] < 1e-5 and script.best_driver(rows, "tiny") == "default"
+    slow_exact, fast_wrong = {**rows[0], "driver": "gesvd", "median_ms": 1e-3}, {**rows[0], "driver": "gesvdj",
+                                                                                  "median_ms": 1e-6, "subspace_err": 0.1}
+    assert script.best_driver(rows + [slow_exact, fast_wrong], "tiny") == "gesvd"  # fastest among the accurate
+    for argv, match in ((["--tiny", "--out", str(out)], "exists"), (["--tiny", "--rank", "0", "--out", "x"], "--rank=0")):
+        with pytest.raises(SystemExit):
+            script.main(argv)
+        assert match in capsys.readouterr().err
