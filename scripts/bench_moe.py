@@ -683,8 +683,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="timed training steps (default 48; tiny 4); keep it a multiple of the refresh period (16)")
     p.add_argument("--sd-accum", type=int, default=1,
                    help="micro-batches (of 8 x 512 tokens) per optimizer step in the SD-MoE benchmark (default 1)")
-    p.add_argument("--sd-svd-driver", choices=["gesvd", "gesvdj", "gesvda"], default=None,
-                   help="cuSOLVER driver of the SD-MoE basis refresh (default: PyTorch's)")
+    p.add_argument("--sd-svd-driver", choices=["gesvda", "gesvd", "gesvdj", "torch"], default=None,
+                   help="cuSOLVER driver of the SD-MoE basis refresh (default: hf_lowbit's, gesvda)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; --tiny: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=180.0,

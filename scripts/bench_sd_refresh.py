@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_lowbit.model_patches.sd_moe import DEFAULT_SVD_DRIVER, SVD_DRIVERS
+
 #: (name, MoE layers, hidden, expert intermediate)
 SHAPES = [("bench_moe LM (Qwen3-MoE 512/256)", 4, 512, 256),
           ("Qwen3-30B-A3B (2048/768)", 48, 2048, 768),
@@ -86,7 +88,7 @@ def time_refresh(mods: list[Any], device: torch.device, reps: int) -> list[float
     return times
 
 
-def run(shapes: list[tuple], drivers: list[str | None], rank: int, noise: float, reps: int, check: int,
+def run(shapes: list[tuple], drivers: list[str], rank: int, noise: float, reps: int, check: int,
         device: torch.device, on_row=None) -> list[dict[str, Any]]:
     """One row per (shape, driver); `on_row(rows)` after each (the script rewrites its JSON: a timeout keeps rows)."""
     import os
@@ -95,14 +97,14 @@ def run(shapes: list[tuple], drivers: list[str | None], rank: int, noise: float,
     for name, layers, hidden, inter in shapes:
         mods = build(layers, hidden, inter, rank, noise, device, seed=0)
         for driver in drivers:
-            os.environ["HF_LOWBIT_SD_SVD_DRIVER"] = driver or ""
+            os.environ["HF_LOWBIT_SD_SVD_DRIVER"] = driver if driver in SVD_DRIVERS else DEFAULT_SVD_DRIVER
             try:
                 times = time_refresh(mods, device, reps)
                 row = {"shape": name, "layers": layers, "hidden": hidden, "intermediate": inter,
-                       "matrices": 3 * layers, "driver": driver or "default", "median_ms": statistics.median(times),
+                       "matrices": 3 * layers, "driver": driver, "median_ms": statistics.median(times),
                        "min_ms": min(times), "subspace_err": subspace_error(mods, check)}
             except Exception as exc:  # a driver cuSOLVER refuses for this shape: recorded, the others still run
-                row = {"shape": name, "driver": driver or "default", "error": f"{type(exc).__name__}: {exc}"[:300]}
+                row = {"shape": name, "driver": driver, "error": f"{type(exc).__name__}: {exc}"[:300]}
             finally:
                 os.environ.pop("HF_LOWBIT_SD_SVD_DRIVER", None)
             rows.append(row)
@@ -113,8 +115,6 @@ def run(shapes: list[tuple], drivers: list[str | None], rank: int, noise: float,
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from hf_lowbit.model_patches.sd_moe import SVD_DRIVERS
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="one toy shape on the CPU")
     p.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--noise", type=float, default=0.5, help="noise norm relative to the smallest signal value")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--check", type=int, default=2, help="modules whose subspaces are compared with an FP64 SVD")
+    p.add_argument("--drivers", default=",".join(SVD_DRIVERS),
+                   help=f"comma list of {list(SVD_DRIVERS)} (CUDA; the CPU always uses LAPACK)")
+    p.add_argument("--shapes", default=None, help="comma list of shape indices into SHAPES (default: all)")
     p.add_argument("--out", type=Path, required=True, help="JSON results; must not exist")
     args = p.parse_args(argv)
     for flag, value, low in (("--rank", args.rank, 1), ("--reps", args.reps, 1), ("--check", args.check, 0)):
@@ -129,26 +132,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
     if args.noise < 0:
         p.error(f"--noise={args.noise} is not valid; allowed: a number >= 0")
+    drivers = [d for d in args.drivers.split(",") if d]
+    if not drivers or any(d not in SVD_DRIVERS for d in drivers):
+        p.error(f"--drivers={args.drivers!r} is not valid; allowed: a comma list of {list(SVD_DRIVERS)}")
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    if args.shapes is not None:
+        try:
+            shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+        except (ValueError, IndexError):
+            p.error(f"--shapes={args.shapes!r} is not valid; allowed: a comma list of indices 0..{len(shapes) - 1}")
     if args.out.exists():
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    drivers = list(SVD_DRIVERS) if device.type == "cuda" else [None]  # the drivers are cuSOLVER's
+    if device.type != "cuda":
+        drivers = ["lapack"]  # the drivers are cuSOLVER's; the CPU ignores the setting
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "rank": args.rank, "noise": args.noise, "reps": args.reps}
 
     def write(rows: list[dict[str, Any]]) -> None:
         args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
-    rows = run(TINY_SHAPES if args.tiny else SHAPES, drivers, args.rank, args.noise, args.reps, args.check, device,
+    rows = run(shapes, drivers, args.rank, args.noise, args.reps, args.check, device,
                on_row=write)
     write(rows)
     return rows
 
 
 def best_driver(rows: list[dict[str, Any]], shape: str, max_err: float = 1e-3) -> str:
-    """The fastest driver for `shape` among those whose subspaces are within `max_err` ("default" if none)."""
+    """The fastest driver for `shape` among those whose subspaces are within `max_err` (the default if none)."""
     ok = [r for r in rows if r["shape"] == shape and "median_ms" in r and r["subspace_err"] <= max_err]
-    return min(ok, key=lambda r: r["median_ms"])["driver"] if ok else "default"
+    return min(ok, key=lambda r: r["median_ms"])["driver"] if ok else DEFAULT_SVD_DRIVER
 
 
 if __name__ == "__main__":

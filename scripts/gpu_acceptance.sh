@@ -56,7 +56,7 @@ if has mhbench; then stamp mhbench
   timeout ${MHBENCH_TIMEOUT:-180} python3 scripts/bench_mhmoe.py --out "$OUT/bench_mhmoe.json" ${MHBENCH_ARGS:-} 2>&1 | grep -v Warn | tail -5 | tee "$OUT/bench_mhmoe.log"
 fi
 if has sdpretrain; then stamp sdpretrain
-  timeout ${SDP_TIMEOUT:-200} python3 scripts/sd_moe_pretrain.py --output-dir "$OUT/sd_moe_pretrain" ${SDP_ARGS:---steps 400 --eval-every 100 --max-bytes 15000000} 2>&1 | tail -12 | tee "$OUT/sd_moe_pretrain.log"
+  timeout ${SDP_TIMEOUT:-200} python3 scripts/sd_moe_pretrain.py --output-dir "$OUT/sd_moe_pretrain" ${SDP_ARGS:---steps 400 --eval-every 100 --max-bytes 15000000} 2>&1 | tee "$OUT/sd_moe_pretrain.log" | tail -12
 fi
 if has calib; then stamp calib
   timeout ${CALIB_TIMEOUT:-200} python3 scripts/reproduce_meanbias.py --data site-packages --out /tmp/calib --steps 20 \
@@ -64,12 +64,12 @@ if has calib; then stamp calib
 fi
 SD_DRIVER_ARG=""
 if has refresh; then stamp refresh
-  timeout ${REFRESH_TIMEOUT:-120} python3 scripts/bench_sd_refresh.py --reps 3 --out "$OUT/bench_sd_refresh.json" 2>&1 \
+  timeout ${REFRESH_TIMEOUT:-120} python3 scripts/bench_sd_refresh.py --reps 3 --out "$OUT/bench_sd_refresh.json" ${REFRESH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_sd_refresh.log"
   best=$(python3 -c "import json, sys; sys.path.insert(0, 'scripts'); from bench_sd_refresh import best_driver, SHAPES; \
 print(best_driver(json.load(open('$OUT/bench_sd_refresh.json'))['rows'], SHAPES[0][0]))" 2>>"$OUT/stages.log")
   echo "fastest accurate refresh driver: ${best:-none}" | tee -a "$OUT/stages.log"
-  [ -n "$best" ] && [ "$best" != default ] && SD_DRIVER_ARG="--sd-svd-driver $best"
+  [ -n "$best" ] && SD_DRIVER_ARG="--sd-svd-driver $best"
 fi
 if has moe; then stamp moe
   timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"

@@ -128,13 +128,17 @@ def test_bench_sd_refresh_tiny(tmp_path, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "refresh.json"
     rows = script.main(["--tiny", "--reps", "2", "--out", str(out)])
-    assert [r["driver"] for r in rows] == ["default"] and json.loads(out.read_text())["rows"] == rows
+    assert [r["driver"] for r in rows] == ["lapack"] and json.loads(out.read_text())["rows"] == rows
     assert _positive_finite(rows[0]["median_ms"]) and rows[0]["matrices"] == 6
-    assert rows[0]["subspace_err"] < 1e-5 and script.best_driver(rows, "tiny") == "default"
+    assert rows[0]["subspace_err"] < 1e-5 and script.best_driver(rows, "tiny") == "lapack"
     slow_exact, fast_wrong = {**rows[0], "driver": "gesvd", "median_ms": 1e-3}, {**rows[0], "driver": "gesvdj",
                                                                                   "median_ms": 1e-6, "subspace_err": 0.1}
     assert script.best_driver(rows + [slow_exact, fast_wrong], "tiny") == "gesvd"  # fastest among the accurate
-    for argv, match in ((["--tiny", "--out", str(out)], "exists"), (["--tiny", "--rank", "0", "--out", "x"], "--rank=0")):
+    assert script.best_driver(rows, "no such shape") == "gesvda"
+    bad = [(["--tiny", "--out", str(out)], "exists"), (["--tiny", "--rank", "0", "--out", "x"], "--rank=0"),
+           (["--tiny", "--drivers", "lanczos", "--out", "x"], "--drivers='lanczos'"),
+           (["--tiny", "--shapes", "3", "--out", "x"], "--shapes='3'")]
+    for argv, match in bad:
         with pytest.raises(SystemExit):
             script.main(argv)
         assert match in capsys.readouterr().err

@@ -314,11 +314,11 @@ def test_batched_refresh_matches_per_matrix_svd():
             assert torch.allclose(bv @ bv.T, vh[:4].T @ vh[:4], atol=1e-5)
 
 
-@pytest.mark.parametrize("driver", [None, "gesvda", "gesvdj"])
+@pytest.mark.parametrize("driver", [None, "torch", "gesvda", "gesvdj"])
 def test_refresh_svd_driver(monkeypatch, driver):
-    """HF_LOWBIT_SD_SVD_DRIVER picks the cuSOLVER method on CUDA (ignored on CPU, where only the selection and the
-    refusal are checked; on a GPU the run below uses the driver) and every driver gives the top-k
-    subspaces of the per-matrix SVD; an unknown name is refused with the allowed ones."""
+    """HF_LOWBIT_SD_SVD_DRIVER picks the cuSOLVER method on CUDA (unset: gesvda; "torch": PyTorch's choice; ignored
+    on CPU, where only the selection and the refusal are checked; on a GPU the run below uses the driver) and every
+    driver gives the top-k subspaces of the per-matrix SVD; an unknown name is refused with the allowed ones."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = stock("qwen3_moe").to(device)
     apply_sd_moe(model, rank=4, init="project")
@@ -327,8 +327,12 @@ def test_refresh_svd_driver(monkeypatch, driver):
         for _, mod in sd_modules(model):
             for m in SD_MATRICES:
                 mod.common(m).add_(torch.randn(mod.common(m).shape, generator=g).to(device))
-    monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", driver or "")
-    assert svd_driver(torch.device("cuda")) == driver and svd_driver(torch.device("cpu")) is None
+    if driver is None:
+        monkeypatch.delenv("HF_LOWBIT_SD_SVD_DRIVER", raising=False)
+    else:
+        monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", driver)
+    expect = {None: "gesvda", "torch": None}.get(driver, driver)
+    assert svd_driver(torch.device("cuda")) == expect and svd_driver(torch.device("cpu")) is None
     refresh_bases(model)
     for _, mod in sd_modules(model):
         for m in SD_MATRICES:
