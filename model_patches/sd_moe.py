@@ -181,6 +181,19 @@ def svd_driver(device: torch.device) -> str | None:
     return name if device.type == "cuda" and name != "torch" else None
 
 
+def _stack_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD of a stack of tall FP32 matrices with the refresh driver; where an approximate driver returns
+    non-finite factors for finite input (gesvda divides by the singular values: a zero W_c), PyTorch's default
+    driver recomputes the stack. The check costs one host sync per refresh."""
+    driver = svd_driver(w.device)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=driver)
+    if driver is not None and driver != "gesvd":
+        bad = ~(torch.isfinite(u).all() & torch.isfinite(vh).all()) & torch.isfinite(w).all()
+        if bool(bad):
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u, s, vh
+
+
 @torch.no_grad()
 def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = None) -> None:
     """`SDMoEExperts.refresh` of several modules: one batched FP32 SVD per (shape, device) of all their W_c, each
@@ -192,7 +205,7 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
         flip = {m: (h if m == "down" else i) < (i if m == "down" else h) for m in SD_MATRICES}
         w = torch.stack([mod.common(m).detach().float().mT if flip[m] else mod.common(m).detach().float()
                          for mod in group for m in SD_MATRICES])                       # [3M, max(I,H), min(I,H)]
-        u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=svd_driver(w.device))
+        u, s, vh = _stack_svd(w)
         k = max(mod.rank for mod in group)
         uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
         for j, mod in enumerate(group):

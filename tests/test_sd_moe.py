@@ -343,3 +343,28 @@ def test_refresh_svd_driver(monkeypatch, driver):
     monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", "lanczos")
     with pytest.raises(ValueError, match="HF_LOWBIT_SD_SVD_DRIVER='lanczos'.*allowed"):
         refresh_bases(model)
+
+
+def test_refresh_recomputes_non_finite_bases_of_an_approximate_driver(monkeypatch):
+    """When the refresh driver (gesvda on CUDA) returns non-finite factors for a finite W_c, the stack is recomputed
+    with PyTorch's default driver; a non-finite W_c is left to give non-finite bases (nothing to recover)."""
+    from hf_lowbit.model_patches import sd_moe
+
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky_svd(w, full_matrices=True, driver=None):
+        calls.append(driver)
+        u, s, vh = real_svd(torch.nan_to_num(w), full_matrices=full_matrices)  # LAPACK refuses NaN; cuSOLVER not
+        return (u * float("nan"), s, vh) if driver == "gesvda" or not torch.isfinite(w).all() else (u, s, vh)
+
+    monkeypatch.setattr(sd_moe, "svd_driver", lambda device: "gesvda")
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    w = torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(0))
+    u, s, vh = sd_moe._stack_svd(w)
+    assert calls == ["gesvda", None] and torch.isfinite(u).all()
+    torch.testing.assert_close((u * s[:, None]) @ vh, w, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    w[1, 0, 0] = float("nan")
+    sd_moe._stack_svd(w)
+    assert calls == ["gesvda"]
