@@ -15,6 +15,17 @@ import platform
 import time
 
 
+
+def _setenv(name: str, value: str | None) -> None:
+    """Set (or with None remove) a kernel switch for the next launches (the kernels cache what they read)."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    reload_env_settings()
+
 def _versions() -> dict:
     import torch
 
@@ -46,10 +57,10 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
     M, K = m, 4096
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
     for scfg in ("32,128,4", "64,128,8", "16,256,4", "32,256,8"):
-        os.environ["HF_LOWBIT_SCFG"] = scfg
+        _setenv("HF_LOWBIT_SCFG", scfg)
         ms = _bench(lambda: _stats(x, True))
         add("sweep", f"stats pass (sum/max/min) cfg={scfg}", ms, tbs=M * K * 2 / ms / 1e9)
-    os.environ.pop("HF_LOWBIT_SCFG")
+    _setenv("HF_LOWBIT_SCFG", None)
     packed = M * K // 2 + M * K // 16
     modes = [("row", dict(row=True, col=False), M * K * 2 + packed),
              ("col", dict(row=False, col=True), M * K * 2 + packed),
@@ -60,17 +71,17 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
             "both-dq": ("64,64,4", "32,128,4", "64,128,8", "128,64,8")}
     for label, kw, nbytes in modes:
         for cfg in cfgs[label]:
-            os.environ["HF_LOWBIT_QCFG"] = cfg
+            _setenv("HF_LOWBIT_QCFG", cfg)
             for div in (("fast", "ieee") if cfg == cfgs[label][0] else ("fast",)):
-                os.environ["HF_LOWBIT_QDIV"] = div
+                _setenv("HF_LOWBIT_QDIV", div)
                 ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="rtn", **kw))
                 add("sweep", f"quantize nvfp4 rtn {label} cfg={cfg} div={div}", ms, tbs=nbytes / ms / 1e9)
-        os.environ["HF_LOWBIT_QDIV"] = "fast"
-        os.environ["HF_LOWBIT_QCFG"] = cfgs[label][0]
+        _setenv("HF_LOWBIT_QDIV", "fast")
+        _setenv("HF_LOWBIT_QCFG", cfgs[label][0])
         ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="sr", seed=1, **kw))
         add("sweep", f"quantize nvfp4 sr {label} cfg={cfgs[label][0]}", ms, tbs=nbytes / ms / 1e9)
-    os.environ.pop("HF_LOWBIT_QCFG")
-    os.environ.pop("HF_LOWBIT_QDIV")
+    _setenv("HF_LOWBIT_QCFG", None)
+    _setenv("HF_LOWBIT_QDIV", None)
     del x
     for (N, K) in [(14336, 4096), (4096, 14336)]:
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
@@ -78,14 +89,14 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
         xx = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
         for g in ("16,512,4,0", "8,512,4,0", "32,512,4,0", "16,1024,4,0", "16,256,4,0", "32,1024,8,0",
                   "16,512,2,0", "64,512,8,0", "16,512,4,1", "16,512,4,2"):
-            os.environ["HF_LOWBIT_GCFG"] = g
+            _setenv("HF_LOWBIT_GCFG", g)
             ms = _bench(lambda: w4a16_linear(xx, p))
             add("sweep", f"W4A16 nvfp4 N={N} K={K} b=1 cfg={g}", ms, tbs=(p.codes.numel() + p.scales.numel()) / ms / 1e9)
-        os.environ.pop("HF_LOWBIT_GCFG")
-        os.environ["HF_LOWBIT_W4A16_ROUND_W"] = "1"
+        _setenv("HF_LOWBIT_GCFG", None)
+        _setenv("HF_LOWBIT_W4A16_ROUND_W", "1")
         ms = _bench(lambda: w4a16_linear(xx, p))
         add("sweep", f"W4A16 nvfp4 N={N} K={K} b=1 default cfg, ROUND_W=1", ms)
-        os.environ.pop("HF_LOWBIT_W4A16_ROUND_W")
+        _setenv("HF_LOWBIT_W4A16_ROUND_W", None)
         del w
 
 
@@ -220,13 +231,13 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
             layer.weight.data.copy_(lin.weight.data)
             impls = ("triton", "cublas")
             for impl in impls:
-                os.environ["HF_LOWBIT_GEMM"] = impl
+                _setenv("HF_LOWBIT_GEMM", impl)
                 ms = _bench(lambda: step(layer))
                 add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} triton backend (gemm={impl}) "
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9)
-            os.environ["HF_LOWBIT_GEMM"] = "triton"
+            _setenv("HF_LOWBIT_GEMM", "triton")
             if fmt == "mxfp4":  # P3 proper: the exact MXFP4-on-FP8 path (kernels/mx_fp8.py, opt-in)
-                os.environ["HF_LOWBIT_MX_FP8"] = "1"
+                _setenv("HF_LOWBIT_MX_FP8", "1")
                 try:
                     ms = _bench(lambda: step(layer))
                     add("P3", f"LowBitLinear mxfp4 on FP8 tensor cores K={K} N={N}", ms, ratio_bf16=ms / ms_bf,
@@ -234,7 +245,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                 except Exception as err:  # a first GPU run of this path: record why it failed, keep benchmarking
                     add("P3", f"LowBitLinear mxfp4 on FP8 tensor cores K={K} N={N} FAILED: {err!r}"[:300], float("nan"))
                 finally:
-                    os.environ.pop("HF_LOWBIT_MX_FP8", None)
+                    _setenv("HF_LOWBIT_MX_FP8", None)
             if reference:
                 layer_ref = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16,
                                          recipe=Recipe(format=fmt), backend="torch")
@@ -351,10 +362,10 @@ def run_final(out: str | None = None, m: int = 8192) -> dict:
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
     packed = M * K // 2 + M * K // 16
     for scfg in ("32,128,4", "16,256,4"):
-        os.environ["HF_LOWBIT_SCFG"] = scfg
+        _setenv("HF_LOWBIT_SCFG", scfg)
         ms = _bench_graph(lambda: _stats(x, True))
         add("P1", f"stats pass alone cfg={scfg} [graph]", ms, tbs=M * K * 2 / ms / 1e9)
-    os.environ.pop("HF_LOWBIT_SCFG")
+    _setenv("HF_LOWBIT_SCFG", None)
     modes = [("row", dict(row=True, col=False), M * K * 2 + packed, ("32,128,4", "32,256,8", "16,256,4", "64,64,4")),
              ("col", dict(row=False, col=True), M * K * 2 + packed, ("64,64,4", "32,128,4", "32,64,4", "64,128,8")),
              ("both-dq", dict(row=True, col=True, row_packed=False, row_dq=True, col_packed=False, col_dq=True,
@@ -363,13 +374,13 @@ def run_final(out: str | None = None, m: int = 8192) -> dict:
         both("P1", f"averis quantize nvfp4 rtn {label} default cfg",
              lambda: averis_quantize(x, "nvfp4", center=True, **kw), nbytes)
         for cfg in cfgs:
-            os.environ["HF_LOWBIT_QCFG"] = cfg
+            _setenv("HF_LOWBIT_QCFG", cfg)
             for div in (("fast", "ieee") if cfg == cfgs[0] else ("fast",)):
-                os.environ["HF_LOWBIT_QDIV"] = div
+                _setenv("HF_LOWBIT_QDIV", div)
                 ms = _bench_graph(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
                 add("P1", f"  {label} cfg={cfg} div={div} [graph]", ms, tbs=nbytes / ms / 1e9)
-        os.environ.pop("HF_LOWBIT_QCFG")
-        os.environ.pop("HF_LOWBIT_QDIV")
+        _setenv("HF_LOWBIT_QCFG", None)
+        _setenv("HF_LOWBIT_QDIV", None)
         both("P1", f"averis quantize nvfp4 sr {label} default cfg",
              lambda: averis_quantize(x, "nvfp4", center=True, rounding="sr", seed=1, **kw), nbytes)
     both("P1", "averis quantize mxfp4 rtn row default cfg",
@@ -388,10 +399,10 @@ def run_final(out: str | None = None, m: int = 8192) -> dict:
                 rows[-(2 if k == "eager" else 1)][f"speedup_vs_bf16_{k}"] = bf[k] / q[k]
         print(f"P5 N={N} K={K}: speedup vs BF16 " + ", ".join(f"{k} {bf[k] / q[k]:.2f}x" for k in q if k in bf))
         for g in ("16,256,4,0", "8,256,4,0", "16,128,4,0", "16,256,4,2", "32,256,8,0"):
-            os.environ["HF_LOWBIT_GCFG"] = g
+            _setenv("HF_LOWBIT_GCFG", g)
             ms = _bench_graph(lambda: w4a16_linear(xx, p))
             add("P5", f"  W4A16 N={N} K={K} cfg={g} [graph]", ms, tbs=wb / ms / 1e9)
-        os.environ.pop("HF_LOWBIT_GCFG")
+        _setenv("HF_LOWBIT_GCFG", None)
         del w
 
     K = N = 4096
@@ -427,10 +438,10 @@ def run_short(out: str | None = None, m: int = 8192) -> dict:
     M, K = m, 4096
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
     for scfg in ("32,128,4", "64,128,4", "128,128,8"):
-        os.environ["HF_LOWBIT_SCFG"] = scfg
+        _setenv("HF_LOWBIT_SCFG", scfg)
         ms = _bench_graph(lambda: _stats(x, True))
         add("P1", f"stats pass alone cfg={scfg} [graph]", ms, tbs=M * K * 2 / ms / 1e9)
-    os.environ.pop("HF_LOWBIT_SCFG")
+    _setenv("HF_LOWBIT_SCFG", None)
     packed = M * K // 2 + M * K // 16
     for label, kw, nbytes in [("row", dict(row=True, col=False), M * K * 2 + packed),
                               ("col", dict(row=False, col=True), M * K * 2 + packed),

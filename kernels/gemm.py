@@ -24,28 +24,49 @@ __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
-              HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr):
-    """acc · (sa·sb) + vrow + u1⊗v1 + u2⊗v2 for one [BM, BN] tile (pointers already at the tile's group)."""
+def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
+              HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
+              WGRAD: tl.constexpr):
+    """acc · (sa·sb) + vrow + u1⊗v1 + u2⊗v2 for one [BM, BN] tile (pointers already at the tile's group).
+
+    WGRAD (the Averis wgrad terms from the quantizers' raw outputs, no torch ops in between): u1 is taken as
+    sa·u1 and v2 as sb·v2 + n_tok·v1 (v1 only with HAS_R1; the scales only with HAS_SCALE)."""
     mm = offs_m < M
     nm = offs_n < N
     if HAS_SCALE:
-        acc = acc * (tl.load(sa_ptr) * tl.load(sb_ptr))
+        sa = tl.load(sa_ptr)
+        sb = tl.load(sb_ptr)
+        acc = acc * (sa * sb)
     if HAS_VROW:
         acc += tl.load(vrow_ptr + offs_n, mask=nm, other=0.0)[None, :]
-    if HAS_R1:
-        acc = add_outer(acc, u1_ptr, v1_ptr, offs_m, offs_n, mm, nm)
-    if HAS_R2:
-        acc = add_outer(acc, u2_ptr, v2_ptr, offs_m, offs_n, mm, nm)
+    if WGRAD:
+        if HAS_R1:
+            u1 = tl.load(u1_ptr + offs_m, mask=mm, other=0.0)
+            if HAS_SCALE:
+                u1 = u1 * sa
+            acc += u1[:, None] * tl.load(v1_ptr + offs_n, mask=nm, other=0.0)[None, :]
+        if HAS_R2:
+            v2 = tl.load(v2_ptr + offs_n, mask=nm, other=0.0)
+            if HAS_SCALE:
+                v2 = v2 * sb
+            if HAS_R1:
+                v2 = v2 + n_tok * tl.load(v1_ptr + offs_n, mask=nm, other=0.0)
+            acc += tl.load(u2_ptr + offs_m, mask=mm, other=0.0)[:, None] * v2[None, :]
+    else:
+        if HAS_R1:
+            acc = add_outer(acc, u1_ptr, v1_ptr, offs_m, offs_n, mm, nm)
+        if HAS_R2:
+            acc = add_outer(acc, u2_ptr, v2_ptr, offs_m, offs_n, mm, nm)
     return acc
 
 
 # M is the MoE capacity in the batched case (a new value every step): not specialized on (no recompiles mid-run)
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
-                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg,
+                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg, n_tok,
                  NUM_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
-                 HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, HAS_RMASK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                 HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr,
+                 ROUND_BF16: tl.constexpr,
                  DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  GROUP_M: tl.constexpr):
     # axis 1 of the grid: the group (MoE expert) of a batched GEMM; its operands sit at group strides sag/sbg/scg,
@@ -83,8 +104,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
             acc = tl.dot(a, b, acc)
         a_ptrs += BK * sak
         b_ptrs += BK * sbk
-    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
-                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2)
+    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
+                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
     if HAS_RMASK:  # rows of padding (capacity layout) → 0, as the reference's `y * mask`
         acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if ROUND_BF16:
@@ -107,6 +128,17 @@ _SMALL_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_
 #: MoE experts: M (the capacity) changes every step, so one fixed config rather than tuning keyed on it
 _BATCHED_CONFIG = triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8)
 
+_DUMMY: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(dev: torch.device) -> torch.Tensor:
+    """One FP32 element per device for the pointer arguments of absent operands (no allocation per call)."""
+    d = _DUMMY.get(dev)
+    if d is None:
+        d = _DUMMY[dev] = torch.empty(1, device=dev, dtype=torch.float32)
+    return d
+
+
 #: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -121,7 +153,7 @@ def m_bucket(m: int) -> int:
 def _launch_tuned(args: tuple, M: int, N: int, K: int, G: int, common: dict) -> None:
     """Launch the dense GEMM with the config measured best for this shape class (benchmarked on first use)."""
     key = (m_bucket(M), N, K, *args[6:10], args[0].dtype, args[1].dtype, args[2].dtype,
-           *sorted(common.items()), args[0].device.index)
+           *common.values(), args[0].get_device())  # `common` is always built in one key order
     cfg = _BEST.get(key)
     if cfg is None:
         from triton.testing import do_bench
@@ -147,11 +179,12 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
                 sb: torch.Tensor | None = None, vrow: torch.Tensor | None = None,
                 r1: tuple[torch.Tensor, torch.Tensor] | None = None,
                 r2: tuple[torch.Tensor, torch.Tensor] | None = None,
-                row_mask: torch.Tensor | None = None) -> torch.Tensor:
+                row_mask: torch.Tensor | None = None, wgrad_tokens: int | None = None) -> torch.Tensor:
     """C = (sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2) · row_mask, FP32 epilogue, any strides.
 
     Dense: a [M, K], b [N, K], scales 0-d/[1], vrow/v [N], u/row_mask [M]. Batched (MoE experts, one launch):
-    a [G, M, K], b [G, N, K], scales [G], vrow/v [G, N], u/row_mask [G, M] → C [G, M, N]."""
+    a [G, M, K], b [G, N, K], scales [G], vrow/v [G, N], u/row_mask [G, M] → C [G, M, N].
+    `wgrad_tokens` = n (the Averis wgrad, dense): the epilogue uses sa·u1 and sb·v2 + n·v1 in place of u1, v2."""
     batched = a.dim() == 3
     if not batched:
         a, b = a[None], b[None]
@@ -160,18 +193,22 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     assert K == K2 and G == G2, (a.shape, b.shape)
     dev = a.device
     c = torch.empty((G, M, N), device=dev, dtype=out_dtype)
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    dummy = _dummy(dev)
     u1, v1 = r1 if r1 is not None else (dummy, dummy)
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     common = dict(HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
-                  HAS_R2=r2 is not None, HAS_RMASK=row_mask is not None, ROUND_BF16=out_dtype == torch.bfloat16)
+                  HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None, HAS_RMASK=row_mask is not None,
+                  ROUND_BF16=out_dtype == torch.bfloat16)
 
     def vec(t: torch.Tensor | None) -> torch.Tensor:
-        return dummy if t is None else t.float().contiguous()
+        if t is None:
+            return dummy
+        return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
     args = (a, b, c, M, N, K, a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2),
             vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
-            a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0)
+            a.stride(0) if G > 1 else 0, b.stride(0) if G > 1 else 0, c.stride(0) if G > 1 else 0,
+            float(wgrad_tokens or 0))
     if interpreting() or a.dtype == torch.float32:
         _launch_config(args, M, N, K, G, common, _SMALL_CONFIG, True)
     elif batched:
@@ -182,36 +219,37 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
 
 
 @triton.jit
-def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
                      HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
-                     ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     WGRAD: tl.constexpr, ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ptr = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     acc = tl.load(c_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
-    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
-                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2)
+    acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
+                    HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
     if ROUND_BF16:
         acc = bf16_rne(acc)
     tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
-                    r2=None) -> torch.Tensor:
+                    r2=None, wgrad_tokens: int | None = None) -> torch.Tensor:
     """Same contract as `scaled_gemm`, via cuBLAS (BF16 output, rounded once before the epilogue) + one pass."""
     c = torch.mm(a, b.t())
     M, N = c.shape
     dev = a.device
-    dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    dummy = _dummy(dev)
     u1, v1 = r1 if r1 is not None else (dummy, dummy)
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     out = c if out_dtype == c.dtype else torch.empty((M, N), device=dev, dtype=out_dtype)
     BM, BN = 32, 128
     _epilogue_kernel[(cdiv(M, BM), cdiv(N, BN))](
         c, out, M, N, sa if sa is not None else dummy, sb if sb is not None else dummy,
-        vrow if vrow is not None else dummy, u1, v1, u2, v2, HAS_SCALE=sa is not None, HAS_VROW=vrow is not None,
-        HAS_R1=r1 is not None, HAS_R2=r2 is not None, ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
+        vrow if vrow is not None else dummy, u1, v1, u2, v2, float(wgrad_tokens or 0), HAS_SCALE=sa is not None,
+        HAS_VROW=vrow is not None, HAS_R1=r1 is not None, HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None,
+        ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
     return out
 
 

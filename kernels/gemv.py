@@ -8,13 +8,13 @@ partials (when the output has too few rows to fill the chip) are reduced determi
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, interpreting, next_pow2
+from hf_lowbit.kernels._common import (bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, env_setting,
+                                       interpreting, next_pow2)
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
@@ -181,7 +181,7 @@ def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     if interpreting():
         return 16, 64, 4, (2 if KP >= 128 else 1)
     bn, bk, w, split = 16, 256, 4, 0  # v2 sweep on H100 (NOTES.md): 16×256, 4 warps, auto split
-    env = os.environ.get("HF_LOWBIT_GCFG")
+    env = env_setting("HF_LOWBIT_GCFG")
     if env:
         bn, bk, w, split = (int(v) for v in env.split(","))
     bk = max(B, min(bk, next_pow2(KP)))
@@ -223,7 +223,7 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
         nk_per = cdiv(NK, split)
         split = cdiv(NK, nk_per)
         part = torch.empty((split, TB, N), device=dev, dtype=torch.float32) if split > 1 else out
-        round_w = x.dtype != torch.float32 and os.environ.get("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
+        round_w = x.dtype != torch.float32 and env_setting("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
         _w4a16_fma_kernel[(cdiv(N, BN), split)](
             x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
             NK_PER=nk_per, BN=BN, BK=BK, TB=TB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,

@@ -17,12 +17,12 @@ nn.Linear keeps); the reference keeps packed codes.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from hf_lowbit.backend import TorchBackend
 from hf_lowbit.config import Recipe
+from hf_lowbit.kernels._common import env_setting
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
@@ -40,11 +40,7 @@ def supports_recipe(recipe: Recipe) -> bool:
 
 def _gemm_fn():
     """GEMM implementation: fused Triton epilogue (default) or cuBLAS + one epilogue pass (HF_LOWBIT_GEMM=cublas)."""
-    return cublas_epilogue if os.environ.get("HF_LOWBIT_GEMM", "triton") == "cublas" else scaled_gemm
-
-
-def _scaled(v: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
-    return v if ts is None else v * ts
+    return cublas_epilogue if env_setting("HF_LOWBIT_GEMM", "triton") == "cublas" else scaled_gemm
 
 
 class TritonAverisLinear(torch.autograd.Function):
@@ -93,16 +89,10 @@ class TritonAverisLinear(torch.autograd.Function):
         if need_dgrad:
             vrow = matvec(wc, mu_d_q, scale=ts_w, transpose=True) if mu_d_q is not None else None
             dx = gemm(qd.row_dq, wc.t(), dy.dtype, ts_d, ts_w, vrow)
-        if need_wgrad:
-            r1 = r2 = None
-            if mu_x_q is not None:
-                r1 = (_scaled(qd.col_sum, ts_d), mu_x_q)
-            if mu_d_q is not None:
-                b = _scaled(xsum, ts_x)
-                if mu_x_q is not None:
-                    b = b + float(ctx.n_tokens) * mu_x_q
-                r2 = (mu_d_q, b)
-            dw = gemm(qd.col_dq.t(), xc.t(), ctx.w_dtype, ts_d, ts_x, None, r1, r2)
+        if need_wgrad:  # a = s_d·Q(R_D)ᵀ1, b = s_x·1ᵀQ(R_X) + n·Q(μ_X): formed in the GEMM epilogue
+            r1 = None if mu_x_q is None else (qd.col_sum, mu_x_q)
+            r2 = None if mu_d_q is None else (mu_d_q, xsum)
+            dw = gemm(qd.col_dq.t(), xc.t(), ctx.w_dtype, ts_d, ts_x, None, r1, r2, wgrad_tokens=ctx.n_tokens)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(dy.dtype)
         return dx, dw, db, None, None
@@ -124,7 +114,7 @@ class TritonBackend(TorchBackend):
         if not supports_recipe(recipe) or x.shape[-1] == 0 or x.numel() == 0:
             return super().linear_train(x, weight, bias, recipe, seed)
         # MXFP4 on FP8 tensor cores (exact): opt-in until measured on a GPU (benchmarks/NOTES.md), HF_LOWBIT_MX_FP8=1
-        fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and os.environ.get("HF_LOWBIT_MX_FP8") == "1") \
+        fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and env_setting("HF_LOWBIT_MX_FP8") == "1") \
             else triton_linear_train
         if torch.is_autocast_enabled(x.device.type):  # the op's arithmetic is FP32/BF16 by itself (as reference)
             with torch.autocast(x.device.type, enabled=False):
@@ -133,7 +123,7 @@ class TritonBackend(TorchBackend):
 
     def grouped_linear_train(self, x, weight, mask, recipe, seed):
         # default since its H200 run (4.3x faster than the reference, benchmarks/NOTES.md); =0 forces the reference
-        if os.environ.get("HF_LOWBIT_GROUPED_TRITON") == "0" or not supports_grouped(x, weight, recipe):
+        if env_setting("HF_LOWBIT_GROUPED_TRITON") == "0" or not supports_grouped(x, weight, recipe):
             return super().grouped_linear_train(x, weight, mask, recipe, seed)
         with torch.autocast(x.device.type, enabled=False):  # the op's arithmetic is FP32/BF16 by itself
             return triton_grouped_linear_train(x, weight, mask, recipe, seed)

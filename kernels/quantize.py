@@ -22,7 +22,6 @@ blocks as even/odd rows [BM/B, B/2, BK]; SR draws one Philox call per code pair.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import (cdiv, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       interpreting, next_pow2, round_e2m1)
+                                       env_setting, interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -58,10 +57,14 @@ def col_stats_update(x, mask, acc_s, acc_max, acc_min):
 
 
 @triton.jit
-def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, amax_ptr, ROWS_PER: tl.constexpr,
+def _col_stats_kernel(x_ptr, sxm, sxk, M, K, part_ptr, amax_ptr, ROWS_PER: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
+    # part_ptr: [3, SPLIT, K] partial sums, maxima, minima (SPLIT = the grid's second axis)
     pk = tl.program_id(0)
     ps = tl.program_id(1)
+    psum_ptr = part_ptr
+    pmax_ptr = part_ptr + tl.num_programs(1) * K
+    pmin_ptr = pmax_ptr + tl.num_programs(1) * K
     if (pk == 0) & (ps == 0):  # zero the [amax(R), amax(μ)] bits that _finalize_kernel atomically maxes into
         tl.store(amax_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
     cols = pk * BK + tl.arange(0, BK)
@@ -82,9 +85,15 @@ def _col_stats_kernel(x_ptr, sxm, sxk, M, K, psum_ptr, pmax_ptr, pmin_ptr, amax_
 
 
 @triton.jit
-def _finalize_kernel(psum_ptr, pmax_ptr, pmin_ptr, SPLIT, Mf, K, mean_ptr, camax_ptr, amax_ptr,
+def _finalize_kernel(part_ptr, SPLIT, Mf, K, out_ptr, amax_ptr,
                      CENTER: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+    # part_ptr: [3, SPLIT, K] from _col_stats_kernel; out_ptr: mean [K] then centred column amax [K]
     pk = tl.program_id(0)
+    psum_ptr = part_ptr
+    pmax_ptr = part_ptr + SPLIT * K
+    pmin_ptr = pmax_ptr + SPLIT * K
+    mean_ptr = out_ptr
+    camax_ptr = out_ptr + K
     cols = pk * BK + tl.arange(0, BK)
     cmask = cols < K
     s = tl.arange(0, BS)
@@ -417,7 +426,7 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
     """(BM, BK, num_warps) of the quantize launch; HF_LOWBIT_QCFG="BM,BK,W" overrides (benchmark sweeps)."""
     if interpreting():
         return max(B, 32), max(B, 32), 4
-    env = os.environ.get("HF_LOWBIT_QCFG")
+    env = env_setting("HF_LOWBIT_QCFG")
     if env:
         bm, bk, w = (int(v) for v in env.split(","))
         return max(bm, B), max(bk, B), w
@@ -431,7 +440,7 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
 def _fast() -> bool:
     """The division-free RTN path (exact, opt-in with HF_LOWBIT_QDIV=fast). Measured slower than the per-element
     IEEE division on H100 (v2, NOTES.md: row 162 vs 149 µs, col 242 vs 174 µs), so the default stays IEEE."""
-    return os.environ.get("HF_LOWBIT_QDIV", "ieee") == "fast"
+    return env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
 
 
 _DUMMIES: dict = {}
@@ -446,34 +455,92 @@ def _dummies(dev: torch.device):
     return d
 
 
-def _stats(x: torch.Tensor, center: bool, buf: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Column mean, centred column amax and the global amax bits [amax(R), amax(μ)] (int32, atomics).
+_STATS_PLANS: dict[tuple, tuple] = {}
 
-    `buf` (FP32, ≥ 2K) receives mean and camax (one allocation for all the small outputs of a call)."""
+
+def _stats_plan(M: int, K: int) -> tuple:
+    """Launch geometry of the two statistics kernels for an [M, K] input, computed once per shape (host time:
+    this runs for every quantized activation and gradient)."""
+    scfg = env_setting("HF_LOWBIT_SCFG", "32,128,4")
+    key = (M, K, scfg)
+    plan = _STATS_PLANS.get(key)
+    if plan is None:
+        if interpreting():
+            BMS, BKS, split, SW = 16, 32, 2, 4
+        else:
+            BMS, BKS, SW = (int(v) for v in scfg.split(","))
+            split = max(1, min(cdiv(M, BMS), (4 * 132) // max(1, cdiv(K, BKS)) + 1))
+        # rows per program: a power of two (>= BMS), so that new token counts reuse a few compiled variants
+        rows_per = max(BMS, next_pow2(cdiv(M, split)))
+        split = cdiv(M, rows_per)
+        BKF = 32 if interpreting() else 128
+        plan = _STATS_PLANS[key] = ((cdiv(K, BKS), split), dict(BM=BMS, BK=BKS, num_warps=SW), rows_per, split,
+                                    (cdiv(K, BKF),), float(M), dict(BK=BKF, BS=next_pow2(split), num_warps=4))
+    return plan
+
+
+def _launch_stats(x: torch.Tensor, center: bool, buf: torch.Tensor) -> torch.Tensor:
+    """The statistics kernels: mean into ``buf[:K]``, centred column amax into ``buf[K:2K]``; returns the global
+    amax bits [amax(R), amax(μ)] (int32, atomics)."""
     M, K = x.shape
     dev = x.device
-    if interpreting():
-        BMS, BKS, split, SW = 16, 32, 2, 4
-    else:
-        BMS, BKS, SW = (int(v) for v in os.environ.get("HF_LOWBIT_SCFG", "32,128,4").split(","))
-        n_kb = cdiv(K, BKS)
-        split = max(1, min(cdiv(M, BMS), (4 * 132) // max(1, n_kb) + 1))
-    # rows per program: a power of two (>= BMS), so that new token counts reuse a few compiled variants
-    rows_per = max(BMS, next_pow2(cdiv(M, split)))
-    split = cdiv(M, rows_per)
-    part = torch.empty((3, split, K), device=dev, dtype=torch.float32)
+    grid_s, cfg_s, rows_per, split, grid_f, mf, cfg_f = _stats_plan(M, K)
+    part = torch.empty(3 * split * K, device=dev, dtype=torch.float32)
     amax = torch.empty(2, device=dev, dtype=torch.int32)  # zeroed by the stats kernel (no memset launch)
-    _col_stats_kernel[(cdiv(K, BKS), split)](x, x.stride(0), x.stride(1), M, K, part[0], part[1], part[2], amax,
-                                             rows_per, BM=BMS, BK=BKS, num_warps=SW)
-    if buf is None:
-        buf = torch.empty(2 * K, device=dev, dtype=torch.float32)
-    mean = buf[0:K]
-    camax = buf[K:2 * K]
-    BKF = 32 if interpreting() else 128
-    _finalize_kernel[(cdiv(K, BKF),)](part[0], part[1], part[2], split, float(M), K, mean, camax, amax,
-                                      CENTER=center, BK=BKF, BS=next_pow2(split), num_warps=4)
-    return mean, camax, amax
+    _col_stats_kernel[grid_s](x, x.stride(0), x.stride(1), M, K, part, amax, rows_per, **cfg_s)
+    _finalize_kernel[grid_f](part, split, mf, K, buf, amax, CENTER=center, **cfg_f)
+    return amax
+
+
+def _stats(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column mean, centred column amax and the global amax bits [amax(R), amax(μ)] (int32) of `x` [M, K]."""
+    buf = torch.empty(2 * x.shape[1], device=x.device, dtype=torch.float32)
+    amax = _launch_stats(x, center, buf)
+    return buf[:x.shape[1]], buf[x.shape[1]:], amax
+
+
+@dataclass(frozen=True)
+class _QuantPlan:
+    """Everything about one quantize launch that depends only on the shape and the options (cached per key)."""
+
+    fmt_name: str
+    B: int
+    is_nv: bool
+    MP: int
+    KP: int
+    n_mt: int
+    grid: tuple
+    consts: dict          # the quantize kernel's constexpr arguments and num_warps
+    mean_grid: tuple
+    mean_consts: dict
+
+
+_QUANT_PLANS: dict[tuple, _QuantPlan] = {}
+
+
+def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, col: bool, row_packed: bool,
+                row_dq: bool, col_packed: bool, col_dq: bool, col_sum: bool, mx_scale: str) -> _QuantPlan:
+    key = (M, K, format, center, sr, row, col, row_packed, row_dq, col_packed, col_dq, col_sum, mx_scale,
+           env_setting("HF_LOWBIT_QCFG"), env_setting("HF_LOWBIT_QDIV", "ieee"))
+    plan = _QUANT_PLANS.get(key)
+    if plan is not None:
+        return plan
+    fmt = get_format(format)
+    B = fmt.block_size
+    is_nv = fmt.scale_kind == "e4m3"
+    MP = cdiv(M, B) * B
+    KP = cdiv(K, B) * B
+    BM, BK, nw = _cfg(M, K, B, row, col)
+    n_mt = cdiv(MP, BM)
+    consts = dict(BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil", FAST=_fast(),
+                  ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
+                  COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum,
+                  GROUPED=False, num_warps=nw)
+    BKM = max(B, min(1024, next_pow2(K)))
+    mean_consts = dict(BK=BKM, B=B, IS_NV=is_nv, SR=sr, MX_CEIL=mx_scale == "ceil", num_warps=4)
+    plan = _QUANT_PLANS[key] = _QuantPlan(fmt.name, B, is_nv, MP, KP, n_mt, (n_mt, cdiv(KP, BK)), consts,
+                                          (cdiv(K, BKM),), mean_consts)
+    return plan
 
 
 def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True, rounding: str = "rtn",
@@ -491,25 +558,22 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
     if mx_scale not in ("floor", "ceil"):
         raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
-    fmt = get_format(format)
-    B = fmt.block_size
-    is_nv = fmt.scale_kind == "e4m3"
     M, K = x.shape
     if M == 0 or K == 0:
         raise ValueError("averis_quantize needs a non-empty tensor")
-    dev = x.device
-    MP = cdiv(M, B) * B
-    KP = cdiv(K, B) * B
     sr = rounding == "sr"
+    plan = _quant_plan(M, K, format, center, sr, row, col, row_packed, row_dq, col_packed, col_dq, col_sum,
+                       mx_scale)
+    B, MP, KP = plan.B, plan.MP, plan.KP
+    dev = x.device
     # one FP32 allocation for the small outputs: mean, camax, Q(μ), Q(μ) unscaled, tensor scales of R and μ
     buf = torch.empty(4 * K + 2, device=dev, dtype=torch.float32)
-    need_stats = center or is_nv
-    if need_stats:
-        mean, camax, amax = _stats(x, center, buf)
+    mean, camax, mean_q, mean_qu, ts_buf = torch.split_with_sizes(buf, [K, K, K, K, 2])
+    if center or plan.is_nv:
+        amax = _launch_stats(x, center, buf)
     else:
         mean = camax = None
         amax = torch.zeros(2, device=dev, dtype=torch.int32)
-    BM, BK, nw = _cfg(M, K, B, row, col)
     dummy_u8, dummy_bf, dummy_f = _dummies(dev)
     rc = rs = cc = cs = rdq = cdq = csum = None
     if row and row_packed:
@@ -522,34 +586,26 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         cs = torch.empty((K, MP // B), device=dev, dtype=torch.uint8)
     if col and col_dq:
         cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16)
-    n_mt = cdiv(MP, BM)
     if col and col_sum:
-        csum = torch.empty((n_mt, K), device=dev, dtype=torch.float32)
-    grid = (n_mt, cdiv(KP, BK))
-    ts_buf = buf[4 * K:4 * K + 2]
-    _quant_kernel[grid](
+        csum = torch.empty((plan.n_mt, K), device=dev, dtype=torch.float32)
+    _quant_kernel[plan.grid](
         x, x.stride(0), x.stride(1), M, K, MP, KP, mean if mean is not None else dummy_f, amax,
         rc if rc is not None else dummy_u8, rs if rs is not None else dummy_u8,
         rdq if rdq is not None else dummy_bf, cc if cc is not None else dummy_u8,
         cs if cs is not None else dummy_u8, cdq if cdq is not None else dummy_bf,
-        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, ts_buf, M, dummy_f, dummy_u8,
-        BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil", FAST=_fast(),
-        ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
-        COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum, GROUPED=False,
-        num_warps=nw)
-    ts = ts_buf[0] if is_nv else None
-    mean_q = mean_qu = mts = None
+        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), plan.n_mt, ts_buf, M, dummy_f,
+        dummy_u8, **plan.consts)
+    ts = mts = None
+    if plan.is_nv:
+        ts, mts = ts_buf.unbind()
     if center:
-        mean_q = buf[2 * K:3 * K]
-        mean_qu = buf[3 * K:4 * K]
-        BKM = max(B, min(1024, next_pow2(K)))
-        _mean_quant_kernel[(cdiv(K, BKM),)](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), ts_buf[1:],
-                                                    BK=BKM, B=B, IS_NV=is_nv, SR=sr, MX_CEIL=mx_scale == "ceil",
-                                                    num_warps=4)
-        mts = ts_buf[1] if is_nv else None
-    rowp = PackedTensor(rc, rs, ts, (M, K), 1, fmt.name, False) if rc is not None else None
-    colp = PackedTensor(cc, cs, ts, (M, K), 0, fmt.name, False) if cc is not None else None
-    return AverisQuant(mean if center else None, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
+        _mean_quant_kernel[plan.mean_grid](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), ts_buf[1:],
+                                           **plan.mean_consts)
+    else:
+        mean = mean_q = mean_qu = mts = None
+    rowp = PackedTensor(rc, rs, ts, (M, K), 1, plan.fmt_name, False) if rc is not None else None
+    colp = PackedTensor(cc, cs, ts, (M, K), 0, plan.fmt_name, False) if cc is not None else None
+    return AverisQuant(mean, mean_q, mean_qu, mts, ts, rowp, colp, rdq, cdq,
                        None if csum is None else csum.sum(0), camax)
 
 

@@ -36,6 +36,20 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
+@pytest.fixture(autouse=True)
+def fresh_kernel_settings():
+    """The kernels read their HF_LOWBIT_* switches once (`env_setting`); every test starts from the environment as
+    it is (a test that changes a switch after its first kernel call reloads them itself)."""
+    try:
+        from hf_lowbit.kernels._common import reload_env_settings
+    except ImportError:  # no Triton: no kernel settings
+        yield
+        return
+    reload_env_settings()
+    yield
+    reload_env_settings()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Returns a function kind -> path of a saved tiny random float32 model (built once per session)."""

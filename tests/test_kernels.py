@@ -239,9 +239,12 @@ def test_w4a16_decode_matches_reference(fmt, tokens, dtype, round_w, monkeypatch
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("center", [True, False])
-def test_linear_fwd_bwd_matches_reference(fmt, center):
-    rec = Recipe(format=fmt, sr_gradients=False, center_activations=center, center_gradients=center)
+@pytest.mark.parametrize("center_x,center_d", [(True, True), (False, False), (False, True), (True, False)])
+def test_linear_fwd_bwd_matches_reference(fmt, center_x, center_d):
+    """Every combination of the wgrad epilogue's rank-1 terms (a ⊗ Q(μ_X) with centred activations, Q(μ_D) ⊗ b
+    with centred gradients, b's n·Q(μ_X) part with both)."""
+    rec = Recipe(format=fmt, sr_gradients=False, center_activations=center_x, center_gradients=center_d)
+    center = center_x or center_d
     m, k, n = (48, 64, 32) if DEV == "cpu" else (512, 768, 384)
     g = _gen(9)
     x = (torch.randn(m, k, generator=g) + torch.randn(k, generator=g) * 3).to(DEV).requires_grad_()
@@ -262,6 +265,29 @@ def test_linear_fwd_bwd_matches_reference(fmt, center):
     tol = 1e-5 if not center else 2e-3
     for a, r in zip(got, (yr.detach(), x.grad, w.grad, b.grad)):
         assert ((a - r).norm() / r.norm()) < tol
+
+
+def test_linear_through_the_cublas_gemm_matches_the_triton_gemm(monkeypatch):
+    """HF_LOWBIT_GEMM=cublas (cuBLAS BF16 product + the epilogue as one pass, wgrad terms included) gives the fused
+    Triton GEMM's results up to the BF16 rounding of the product before the epilogue."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    rec = Recipe(format="nvfp4", sr_gradients=False)
+    m, k, n = (48, 64, 32) if DEV == "cpu" else (512, 768, 384)
+    g = _gen(19)
+    x = (torch.randn(m, k, generator=g) + torch.randn(k, generator=g) * 3).to(DEV)
+    w = torch.randn(n, k, generator=g).to(DEV)
+    dy = (torch.randn(m, n, generator=g) + torch.randn(n, generator=g)).to(DEV)
+    results = []
+    for impl in ("triton", "cublas"):
+        monkeypatch.setenv("HF_LOWBIT_GEMM", impl)
+        reload_env_settings()
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = triton_linear_train(xi, wi, None, rec, 0)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, wi.grad))
+    for a, r in zip(*results):
+        assert ((a - r).norm() / r.norm()) < 1e-2
 
 
 def test_linear_bf16_and_sr_seeded():
@@ -342,10 +368,26 @@ def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):
     for m, expect_calls in ((100, 5), (128, 5), (65, 5), (129, 10)):
         a = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
         args = (a[None], b[None], torch.empty(1, m, n, device=DEV), m, n, k, a.stride(0), a.stride(1),
-                b.stride(0), b.stride(1), n, 1) + (torch.ones(1, device=DEV),) * 8 + (0, 0, 0)
-        common = dict(HAS_SCALE=False, HAS_VROW=False, HAS_R1=False, HAS_R2=False, HAS_RMASK=False, ROUND_BF16=False)
+                b.stride(0), b.stride(1), n, 1) + (torch.ones(1, device=DEV),) * 8 + (0, 0, 0, 0.0)
+        common = dict(HAS_SCALE=False, HAS_VROW=False, HAS_R1=False, HAS_R2=False, WGRAD=False, HAS_RMASK=False,
+                      ROUND_BF16=False)
         gemm._launch_tuned(args, m, n, k, 1, common)
         assert len(calls) == expect_calls, (m, len(calls))
         torch.testing.assert_close(args[2][0], a.float() @ b.float().t(), rtol=1e-5, atol=1e-4)
     assert [gemm.m_bucket(m) for m in (1, 64, 65, 128, 129, 8192, 8193)] == [64, 64, 128, 128, 256, 8192, 16384]
     assert all(cfg is gemm._CONFIGS[1] for cfg in gemm._BEST.values()) and len(gemm._BEST) == 2
+
+
+def test_kernel_switches_are_read_once_until_reloaded(monkeypatch):
+    """`env_setting` caches HF_LOWBIT_* switches (an environment lookup per launch cost ~3 µs, dozens per linear
+    step); a change is seen after `reload_env_settings()`, and defaults apply to unset switches."""
+    from hf_lowbit.kernels._common import env_setting, reload_env_settings
+
+    monkeypatch.setenv("HF_LOWBIT_QDIV", "fast")
+    reload_env_settings()
+    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
+    monkeypatch.setenv("HF_LOWBIT_QDIV", "ieee")
+    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"  # cached
+    monkeypatch.delenv("HF_LOWBIT_QDIV")
+    reload_env_settings()
+    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "ieee" and env_setting("HF_LOWBIT_QDIV") is None

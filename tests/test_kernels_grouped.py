@@ -15,6 +15,7 @@ DEV = kernel_test_device()
 from hf_lowbit.averis import center, grouped_averis_linear  # noqa: E402
 from hf_lowbit.backend import TorchBackend  # noqa: E402
 from hf_lowbit.config import LowBitConfig  # noqa: E402
+from hf_lowbit.kernels._common import reload_env_settings  # noqa: E402
 from hf_lowbit.kernels.grouped import group_stats, triton_grouped_linear_train  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend  # noqa: E402
 from hf_lowbit.kernels.quantize import grouped_quantize_dq  # noqa: E402
@@ -130,9 +131,11 @@ def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
 
     monkeypatch.setattr(lin, "triton_grouped_linear_train", lambda *a: calls.append(1) or grouped_averis_linear(*a))
     monkeypatch.setenv("HF_LOWBIT_GROUPED_TRITON", "0")
+    reload_env_settings()
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
     assert calls == []
     monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
+    reload_env_settings()
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
     TritonBackend().grouped_linear_train(x, w, mask, _recipe("nvfp4", hadamard=True), 0)  # not covered: reference
     assert calls == [1]
@@ -157,6 +160,7 @@ def test_moe_model_trains_the_same_through_the_grouped_path(monkeypatch, tiny_mo
         # the reference run must not resolve to the Triton backend ("auto" does on CUDA)
         backend = TritonBackend() if grouped else TorchBackend()
         monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
+        reload_env_settings()
         monkeypatch.setattr(experts_mod, "resolve_backend", lambda name, device, b=backend: b)
         model.to(DEV)
         out = model(ids.to(DEV), labels=ids.to(DEV))

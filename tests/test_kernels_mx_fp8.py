@@ -149,15 +149,18 @@ def test_layer_equals_reference_averis_linear(centred, shape):
 def test_backend_uses_it_only_when_enabled(monkeypatch):
     pytest.importorskip("triton")
     import hf_lowbit.kernels.linear as lin
+    from hf_lowbit.kernels._common import reload_env_settings
 
     calls = []
     monkeypatch.setattr(lin, "mx_fp8_linear_train", lambda *a: calls.append(1) or averis_linear(*a))
     x, w = torch.randn(16, 32, device=DEV), torch.randn(16, 32, device=DEV)
     mx = LowBitConfig(format="mxfp4").recipe()
     monkeypatch.delenv("HF_LOWBIT_MX_FP8", raising=False)
+    reload_env_settings()
     lin.TritonBackend().linear_train(x, w, None, mx, 0)
     assert calls == []
     monkeypatch.setenv("HF_LOWBIT_MX_FP8", "1")
+    reload_env_settings()
     lin.TritonBackend().linear_train(x, w, None, mx, 0)
     lin.TritonBackend().linear_train(x, w, None, LowBitConfig().recipe(), 0)  # NVFP4: not this path
     assert calls == [1]
