@@ -1,6 +1,6 @@
 """Fused Averis quantizer: per-channel mean over tokens, centring, NVFP4/MXFP4 (RTN or Philox SR), packing.
 
-Three launches for a 2-D tensor X [M, K] (plus one tiny one for the mean vector):
+Three launches for a 2-D tensor X [M, K]:
 
 1. ``_col_stats_kernel``: one read of X; per (row-chunk, column) partial sum, max, min.
 2. ``_finalize_kernel``: μ = Σ/M, the centred column amax ``max(colmax − μ, μ − colmin)`` (exact: FP32 subtraction
@@ -11,7 +11,8 @@ Three launches for a 2-D tensor X [M, K] (plus one tiny one for the mean vector)
    quantizes it with blocks along K (row axis, the fprop/dgrad operand) and/or along M (column axis, the wgrad
    operand), writing packed codes + block scales and/or the exactly-dequantized BF16 values ``q·s_b`` (no tensor
    scale) that the BF16 GEMM path reads, and per-column sums of the column-axis values (wgrad rank-1 terms).
-4. ``_mean_quant_kernel``: Q(μ) with its own tensor/block scales.
+   With centring, the first row tile of each column block also quantizes μ (Q(μ) with its own tensor and block
+   scales, `_quantize_mean_block`): no separate launch for the mean vector.
 
 Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean. v2 also has a division-free RTN path
 (``HF_LOWBIT_QDIV=fast``): ``r · RN(1/(s_b·s_t))`` plus an exact per-tile fallback to ``div_rn`` when any element
@@ -209,17 +210,18 @@ def _group_tensor_scale(tsg_ptr, grp, mask):
 # Seeds change every call, and N_MT (the row-tile count) every step in the grouped MoE mode (the capacity changes):
 # specializing on them (Triton specializes ints on `% 16 == 0` and `== 1`) would compile more variants of the
 # kernel, each at a random later training step (a multi-second stall each time).
-@triton.jit(do_not_specialize=["seed_row", "seed_col", "N_MT"])
+@triton.jit(do_not_specialize=["seed_row", "seed_col", "seed_mean", "N_MT"])
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
-                  seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr,
+                  seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr, meanq_ptr, seed_mean,
                   BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
                   CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr,
                   ROW: tl.constexpr, ROW_PACK: tl.constexpr, ROW_DQ: tl.constexpr,
                   COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr,
-                  GROUPED: tl.constexpr):
+                  GROUPED: tl.constexpr, MEAN_Q: tl.constexpr):
     # GROUPED: x is G stacked groups of GL rows (MoE experts, GL a multiple of B); each group has its own mean
     # (mean_ptr [G, K]) and tensor scale (tsg_ptr [G]); rows with rowok == 0 (capacity padding) quantize as 0
+    # MEAN_Q: the first row tile of each column block also quantizes μ's columns (Q(μ) into meanq_ptr; no launch)
     # tiles in reverse row order: the stats pass ended on the last rows, which may still sit in L2
     pm = N_MT - 1 - tl.program_id(0)
     pk = tl.program_id(1)
@@ -231,6 +233,10 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             ts = _nv_tensor_scale(amax_ptr)
             if (pm == N_MT - 1) & (pk == 0):
                 tl.store(ts_out_ptr, ts)  # the tensor scale for the host side (no extra torch ops)
+    if MEAN_Q:
+        if pm == N_MT - 1:
+            _quantize_mean_block(mean_ptr, K, pk, amax_ptr, meanq_ptr, seed_mean, ts_out_ptr, BK, B, IS_NV, SR,
+                                 MX_CEIL)
 
     if ROW:
         # [BM, BK] load (16-byte vectors), viewed as [BM, NBK, HB, 2]: block nb of row m, pair j, element p
@@ -364,21 +370,22 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tl.store(csum_ptr + pm * K + cols, cs_, mask=cmask)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _mean_quant_kernel(mu_ptr, K, amax_ptr, out_ptr, outu_ptr, seed, ts_out_ptr,
-                       BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr, SR: tl.constexpr,
-                       MX_CEIL: tl.constexpr):
-    pk = tl.program_id(0)
+@triton.jit
+def _quantize_mean_block(mean_ptr, K, pk, amax_ptr, meanq_ptr, seed, ts_out_ptr, BK: tl.constexpr, B: tl.constexpr,
+                         IS_NV: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr):
+    """Q(μ) of columns [pk·BK, (pk+1)·BK) with μ's own tensor scale (from the amax bits at amax_ptr + 1) and block
+    scales: dequantized into meanq_ptr[:K], without the tensor scale into meanq_ptr[K:2K]; column block 0 also
+    stores μ's tensor scale at ts_out_ptr + 1. Blocks of B along K, so the result does not depend on BK."""
     cols = pk * BK + tl.arange(0, BK)
     cmask = cols < K
-    mu = tl.load(mu_ptr + cols, mask=cmask, other=0.0)
+    mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     NB: tl.constexpr = BK // B
     m2 = tl.reshape(mu, [NB, B])
     amax_b = tl.max(tl.where(m2 != m2, float("inf"), tl.abs(m2)), axis=1)
     if IS_NV:
         ts = _nv_tensor_scale(amax_ptr + 1)
         if pk == 0:
-            tl.store(ts_out_ptr, ts)
+            tl.store(ts_out_ptr + 1, ts)
         sbf, sbyte = _nv_block_scale(amax_b, ts)
         sbf = tl.where(ts != ts, float("nan"), sbf)
         den = (sbf * ts)[:, None]
@@ -397,8 +404,8 @@ def _mean_quant_kernel(mu_ptr, K, amax_ptr, out_ptr, outu_ptr, seed, ts_out_ptr,
         v = vu * ts
     else:
         v = vu
-    tl.store(out_ptr + cols, tl.reshape(v, [BK]), mask=cmask)
-    tl.store(outu_ptr + cols, tl.reshape(vu, [BK]), mask=cmask)
+    tl.store(meanq_ptr + cols, tl.reshape(v, [BK]), mask=cmask)
+    tl.store(meanq_ptr + K + cols, tl.reshape(vu, [BK]), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,8 +518,6 @@ class _QuantPlan:
     n_mt: int
     grid: tuple
     consts: dict          # the quantize kernel's constexpr arguments and num_warps
-    mean_grid: tuple
-    mean_consts: dict
 
 
 _QUANT_PLANS: dict[tuple, _QuantPlan] = {}
@@ -535,11 +540,8 @@ def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, 
     consts = dict(BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil", FAST=_fast(),
                   ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
                   COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum,
-                  GROUPED=False, num_warps=nw)
-    BKM = max(B, min(1024, next_pow2(K)))
-    mean_consts = dict(BK=BKM, B=B, IS_NV=is_nv, SR=sr, MX_CEIL=mx_scale == "ceil", num_warps=4)
-    plan = _QUANT_PLANS[key] = _QuantPlan(fmt.name, B, is_nv, MP, KP, n_mt, (n_mt, cdiv(KP, BK)), consts,
-                                          (cdiv(K, BKM),), mean_consts)
+                  GROUPED=False, MEAN_Q=center, num_warps=nw)
+    plan = _QUANT_PLANS[key] = _QuantPlan(fmt.name, B, is_nv, MP, KP, n_mt, (n_mt, cdiv(KP, BK)), consts)
     return plan
 
 
@@ -594,14 +596,11 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         rdq if rdq is not None else dummy_bf, cc if cc is not None else dummy_u8,
         cs if cs is not None else dummy_u8, cdq if cdq is not None else dummy_bf,
         csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), plan.n_mt, ts_buf, M, dummy_f,
-        dummy_u8, **plan.consts)
+        dummy_u8, mean_q if center else dummy_f, seed31(seed, 3), **plan.consts)
     ts = mts = None
     if plan.is_nv:
         ts, mts = ts_buf.unbind()
-    if center:
-        _mean_quant_kernel[plan.mean_grid](mean, K, amax, mean_q, mean_qu, seed31(seed, 3), ts_buf[1:],
-                                           **plan.mean_consts)
-    else:
+    if not center:
         mean = mean_q = mean_qu = mts = None
     rowp = PackedTensor(rc, rs, ts, (M, K), 1, plan.fmt_name, False) if rc is not None else None
     colp = PackedTensor(cc, cs, ts, (M, K), 0, plan.fmt_name, False) if cc is not None else None
@@ -641,10 +640,10 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
         x, x.stride(0), x.stride(1), M, K, M, KP, mean.float().contiguous(), dummy_f,
         dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
         cdq if cdq is not None else dummy_bf, dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, dummy_f,
-        group_rows, ts, rowok.to(torch.uint8).contiguous(),
+        group_rows, ts, rowok.to(torch.uint8).contiguous(), dummy_f, 0,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
         FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col, COL_SUM=False,
-        GROUPED=True, num_warps=nw)
+        GROUPED=True, MEAN_Q=False, num_warps=nw)
     return rdq, cdq
 
 

@@ -338,11 +338,11 @@ def test_per_call_integers_are_not_specialized_on():
     `% 16` / `== 1` class would compile another kernel variant in the middle of training. Checked on the compiled
     (non-interpreter) kernel objects, in a subprocess without TRITON_INTERPRET."""
     code = ("from hf_lowbit.kernels import quantize as q, gemm as g\n"
-            "for k in (q._quant_kernel, q._mean_quant_kernel, g._gemm_kernel):\n"
+            "for k in (q._quant_kernel, g._gemm_kernel):\n"
             "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_row']", "['seed']", "['M']"]
+    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_mean', 'seed_row']", "['M']"]
 
 
 def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):
