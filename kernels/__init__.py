@@ -7,7 +7,7 @@ machine without triton or without a GPU, and nothing registered there.
 
 from __future__ import annotations
 
-__all__ = ["is_available", "TRITON_AVAILABLE"]
+__all__ = ["is_available", "reload_env_settings", "TRITON_AVAILABLE"]
 
 TRITON_AVAILABLE = False
 
@@ -17,6 +17,14 @@ try:  # never raise at import time: CPU-only machines, no triton, or a triton th
     TRITON_AVAILABLE = True
 except Exception:  # pragma: no cover - depends on the environment
     TRITON_AVAILABLE = False
+
+
+def reload_env_settings() -> None:
+    """Re-read the kernels' ``HF_LOWBIT_*`` switches from the environment (they are read once, at first use)."""
+    if TRITON_AVAILABLE:
+        from hf_lowbit.kernels._common import reload_env_settings as reload
+
+        reload()
 
 
 def is_available(device) -> bool:

@@ -3,6 +3,7 @@
 Three launches for a 2-D tensor X [M, K]:
 
 1. ``_col_stats_kernel``: one read of X; per (row-chunk, column) partial sum, max, min.
+   (Uncentred tensors, e.g. weights: ``_absmax_kernel`` instead, the global amax in one pass and no finalize.)
 2. ``_finalize_kernel``: μ = Σ/M, the centred column amax ``max(colmax − μ, μ − colmin)`` (exact: FP32 subtraction
    is monotone, so ``max_i fl(x_i − μ) = fl(max_i x_i − μ)``), the global amax of R and of μ (atomic max on the bit
    pattern of non-negative floats: deterministic). NaN/Inf anywhere maps to +inf → tensor scale NaN, as the
@@ -55,6 +56,23 @@ def col_stats_update(x, mask, acc_s, acc_max, acc_min):
     +inf in the max, so a NaN column gets a non-finite scale."""
     acc_max = tl.maximum(acc_max, tl.where(mask, tl.where(x != x, float("inf"), x), float("-inf")))
     return acc_s + x, acc_max, tl.minimum(acc_min, tl.where(mask, x, float("inf")))
+
+
+@triton.jit
+def _absmax_kernel(x_ptr, sxm, sxk, M, K, amax_ptr, ROWS_PER: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """max |x| over a [ROWS_PER, BK] chunk, atomically maxed (as int bits) into amax_ptr[0], which the caller zeroed:
+    the global amax of an uncentred tensor in one launch (NaN counts as +inf, as in the statistics pass)."""
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    cmask = cols < K
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    r0 = tl.program_id(1) * ROWS_PER
+    for i in range(0, ROWS_PER, BM):
+        rows = r0 + i + tl.arange(0, BM)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask,
+                    other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.where(x != x, float("inf"), tl.abs(x)))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(acc, axis=1), axis=0).to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -426,7 +444,7 @@ class AverisQuant:
     row_dq: torch.Tensor | None          # BF16 [M, K] = code × block scale (row blocks), exact
     col_dq: torch.Tensor | None          # BF16 [M, K] = code × block scale (column blocks), exact
     col_sum: torch.Tensor | None         # FP32 [K]: Σ_m of the column-axis values (no tensor scale)
-    camax: torch.Tensor | None           # FP32 [K]: max_m |R| per column (non-finite → inf)
+    camax: torch.Tensor | None           # FP32 [K]: max_m |R| per column (non-finite → inf); centred only
 
 
 def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
@@ -571,11 +589,14 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
     # one FP32 allocation for the small outputs: mean, camax, Q(μ), Q(μ) unscaled, tensor scales of R and μ
     buf = torch.empty(4 * K + 2, device=dev, dtype=torch.float32)
     mean, camax, mean_q, mean_qu, ts_buf = torch.split_with_sizes(buf, [K, K, K, K, 2])
-    if center or plan.is_nv:
+    if center:
         amax = _launch_stats(x, center, buf)
-    else:
+    else:  # uncentred: only the global amax (NVFP4 tensor scale), one launch after a memset; MXFP4 needs none
         mean = camax = None
         amax = torch.zeros(2, device=dev, dtype=torch.int32)
+        if plan.is_nv:
+            grid_s, cfg_s, rows_per = _stats_plan(M, K)[:3]
+            _absmax_kernel[grid_s](x, x.stride(0), x.stride(1), M, K, amax, rows_per, **cfg_s)
     dummy_u8, dummy_bf, dummy_f = _dummies(dev)
     rc = rs = cc = cs = rdq = cdq = csum = None
     if row and row_packed:

@@ -173,19 +173,21 @@ def test_non_contiguous_fp32_and_mx_ceil(fmt):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_special_values(fmt):
     z = torch.zeros(32, 64, device=DEV)
-    q = averis_quantize(z, fmt, center=True, row=True, col=True)
-    for axis, p in ((1, q.row), (0, q.col)):
-        ref = quantize(z, fmt, axis)
-        assert torch.equal(p.codes, ref.codes) and torch.equal(p.scales, ref.scales)
-    x = _act(32, 64, seed=5, dtype=torch.float32)
-    x[3, 7] = float("nan")
-    x[5, 40] = float("inf")
-    q = averis_quantize(x, fmt, center=False, row=True, col=True)
-    for axis, p in ((1, q.row), (0, q.col)):
-        ref = quantize(x, fmt, axis)
-        assert torch.equal(p.codes, ref.codes) and torch.equal(p.scales, ref.scales)
-        if fmt == "nvfp4":
-            assert torch.isnan(p.tensor_scale)
+    for center in (True, False):  # centred: statistics + finalize; uncentred: the one-pass absmax kernel
+        q = averis_quantize(z, fmt, center=center, row=True, col=True)
+        for axis, p in ((1, q.row), (0, q.col)):
+            ref = quantize(z, fmt, axis)
+            assert torch.equal(p.codes, ref.codes) and torch.equal(p.scales, ref.scales)
+    for specials in ([("nan", 3, 7), ("inf", 5, 40)], [("nan", 31, 63)], [("-inf", 0, 0)]):
+        x = _act(32, 64, seed=5, dtype=torch.float32)
+        for value, i, j in specials:
+            x[i, j] = float(value)
+        q = averis_quantize(x, fmt, center=False, row=True, col=True)
+        for axis, p in ((1, q.row), (0, q.col)):
+            ref = quantize(x, fmt, axis)
+            assert torch.equal(p.codes, ref.codes) and torch.equal(p.scales, ref.scales)
+            if fmt == "nvfp4":
+                assert torch.isnan(p.tensor_scale) and torch.isnan(ref.tensor_scale)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
@@ -391,3 +393,16 @@ def test_kernel_switches_are_read_once_until_reloaded(monkeypatch):
     monkeypatch.delenv("HF_LOWBIT_QDIV")
     reload_env_settings()
     assert env_setting("HF_LOWBIT_QDIV", "ieee") == "ieee" and env_setting("HF_LOWBIT_QDIV") is None
+
+
+def test_public_reload_reaches_the_kernel_settings(monkeypatch):
+    """`hf_lowbit.kernels.reload_env_settings()` (the name the README gives) re-reads the cached switches."""
+    import hf_lowbit.kernels as hk
+    from hf_lowbit.kernels._common import env_setting
+
+    monkeypatch.setenv("HF_LOWBIT_GEMM", "cublas")
+    hk.reload_env_settings()
+    assert env_setting("HF_LOWBIT_GEMM", "triton") == "cublas"
+    monkeypatch.delenv("HF_LOWBIT_GEMM")
+    hk.reload_env_settings()
+    assert env_setting("HF_LOWBIT_GEMM", "triton") == "triton"
