@@ -23,8 +23,8 @@ Parameter names: the per-expert part keeps the Hugging Face names and layout (``
 Where the projection runs with `transformers.Trainer` (checked in transformers 5.23, ``Trainer._inner_training_loop``):
 the Trainer calls ``_clip_grad_norm`` *before* ``callback_handler.on_pre_optimizer_step`` and no callback event
 fires between the last backward of an accumulation window and clipping. `SDMoECallback` therefore installs
-``Tensor.register_post_accumulate_grad_hook`` hooks on ``W_c`` and ``W_u`` at ``on_train_begin``: they project the
-accumulated ``.grad`` after every backward. Both maps (``DC`` and ``I−DC``) are linear and idempotent, so projecting
+``Tensor.register_post_accumulate_grad_hook`` hooks on ``W_c`` and ``W_u`` at ``on_train_begin``: the first to fire
+in a backward pass queues one batched projection of all the accumulated ``.grad`` for the end of that pass. Both maps (``DC`` and ``I−DC``) are linear and idempotent, so projecting
 after each micro-batch equals projecting the accumulated sum once, and clipping sees the projected gradients.
 ``on_pre_optimizer_step`` projects once more (a no-op unless a wrapper such as DDP rewrote ``.grad`` after the hooks)
 and ``on_optimizer_step`` counts optimizer steps, applies the update-projection ablation and refreshes the bases.
@@ -403,15 +403,8 @@ class SDMoEExperts(LowBitExperts):
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
-        """Post-accumulate-grad hooks that apply the gradient rule after every backward; each projects only its
-        own parameter's gradient (``gate_up_proj``: gate and up), so every gradient is projected once."""
-        if self.__dict__["_hooks"]:
-            return
-        hooks = [getattr(self, n).register_post_accumulate_grad_hook(lambda p, n=n: self.project_unique_grad(n))
-                 for n in ("gate_up_proj", "down_proj")]
-        hooks += [self.common(m).register_post_accumulate_grad_hook(lambda p, m=m: self.project_common_grad(m))
-                  for m in SD_MATRICES]
-        self.__dict__["_hooks"] = hooks
+        """Apply the gradient rule at the end of every backward (see `install_gradient_hooks`), for this module."""
+        _install_batched_hooks([self])
 
     def remove_hooks(self) -> None:
         for h in self.__dict__["_hooks"]:
@@ -528,15 +521,21 @@ def fold_sd_moe(model: nn.Module) -> list[str]:
     return names
 
 
-def project_gradients(model: nn.Module) -> None:
-    """Apply the SD-MoE gradient rule to every SD-MoE module (after backward/accumulation, before clipping).
-    Same-shape modules are projected together: two batched problems (gate/up, down) per `GROUP_NUMEL` batch."""
-    mods = [module for _, module in sd_modules(model)]
+def _project_all(mods: list[SDMoEExperts]) -> None:
+    """The gradient rule for `mods`: same-shape modules together, two batched problems (gate/up, down) per
+    `GROUP_NUMEL` batch."""
     for batch in _batches(mods):
         if len(batch) > 1:
             _project_modules(batch)
         else:
             batch[0].project_gradients()
+
+
+def project_gradients(model: nn.Module) -> None:
+    """Apply the SD-MoE gradient rule to every SD-MoE module (after backward/accumulation, before clipping).
+    Same-shape modules are projected together: two batched problems (gate/up, down) per `GROUP_NUMEL` batch."""
+    mods = [module for _, module in sd_modules(model)]
+    _project_all(mods)
     for module in mods:
         if module.project_updates:
             module.snapshot()
@@ -560,12 +559,43 @@ def _null() -> Iterator[None]:
     yield
 
 
+class _EndOfBackwardProjection:
+    """Post-accumulate-grad hooks on every SD-MoE parameter of `modules`; the first one to fire in a backward pass
+    queues one batched projection of all their gradients for the end of that pass (autograd's `queue_callback`,
+    as DDP's reducer does), so the rule costs the few batched launches of `project_gradients` per backward, not
+    a projection per parameter. Exact with gradient accumulation: the rule is linear and idempotent."""
+
+    def __init__(self, modules: list[SDMoEExperts]) -> None:
+        self.modules = modules
+        self.queued = False
+
+    def on_grad(self, param: torch.Tensor) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.project)
+
+    def project(self) -> None:
+        self.queued = False
+        _project_all(self.modules)
+
+
+def _install_batched_hooks(modules: list[SDMoEExperts]) -> None:
+    """`_EndOfBackwardProjection` over the modules without hooks yet; each keeps its handles (`remove_hooks`)."""
+    todo = [m for m in modules if not m.__dict__["_hooks"]]
+    if not todo:
+        return
+    hook = _EndOfBackwardProjection(todo)
+    for m in todo:
+        params = [m.gate_up_proj, m.down_proj] + [m.common(t) for t in SD_MATRICES]
+        m.__dict__["_hooks"] = [p.register_post_accumulate_grad_hook(hook.on_grad) for p in params]
+
+
 def install_gradient_hooks(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Project gradients automatically after every backward (post-accumulate-grad hooks), i.e. before any
-    clipping. Returns a context manager that removes the hooks on exit (or call `remove_gradient_hooks`)."""
+    """Project gradients automatically at the end of every backward (post-accumulate-grad hooks + one batched
+    projection per pass), i.e. before any clipping. Returns a context manager that removes the hooks on exit (or
+    call `remove_gradient_hooks`)."""
     modules = [m for _, m in sd_modules(model)]
-    for m in modules:
-        m.install_hooks()
+    _install_batched_hooks(modules)
 
     @contextlib.contextmanager
     def remover() -> Iterator[None]:
@@ -607,7 +637,7 @@ class SDMoECallback(TrainerCallback):
                 if getattr(self, attr) is not None:
                     setattr(m, attr, getattr(self, attr))
             m.optimizer_steps = state.global_step  # resume keeps the schedule
-            m.install_hooks()
+        _install_batched_hooks(self._modules(model))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any):
         project_gradients(model)  # idempotent: a no-op after the hooks, a safety net if .grad was rewritten

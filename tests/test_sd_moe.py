@@ -238,10 +238,11 @@ def test_hooks_project_each_gradient_once(monkeypatch):
 
     model = stock("qwen3_moe")
     apply_sd_moe(model, rank=4, init="project")
-    seen = []
+    seen, calls = [], []
     real = sd_moe._project_stack
 
     def spy(owner, slot, uniques, commons):
+        calls.append(slot)
         seen.extend(g for g, _ in uniques + commons)
         return real(owner, slot, uniques, commons)
 
@@ -251,6 +252,10 @@ def test_hooks_project_each_gradient_once(monkeypatch):
     params = [p for _, mod in sd_modules(model) for p in mod.parameters()]
     assert len(params) == 10 and all(p.grad is not None for p in params)
     assert len(seen) == len(params) and all(sum(g is p.grad for g in seen) == 1 for p in params)
+    # one batched projection at the end of the pass: the two same-shape layers as 2 problems (gate/up, down),
+    # not 5 per layer as per-parameter hooks would
+    assert len(calls) == 2
+    assert all(not mod.__dict__["_hooks"] for _, mod in sd_modules(model))  # removed on exiting the context
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
