@@ -2,28 +2,26 @@
 
 Same math as the reference `hf_lowbit.averis.GroupedAverisLinearFunction` (per-group mean over the group's real
 tokens, per-group tensor scales, padding rows masked): the per-group statistics are a few torch reductions, the
-quantization of every operand is one `grouped_quantize_dq` launch writing BF16 ``code × block scale`` (exact), and
-each GEMM is one batched Triton GEMM (`gemm.scaled_gemm`, FP32 accumulation) with the tensor scales, the rank-1 mean
-terms, the padding mask and the output cast fused in its epilogue (no FP32 [G, L, N] intermediates). Quantized operands match the reference bit for bit (RTN); outputs differ only by FP32
-accumulation order. Recipes the kernels do not cover (Hadamard, 2-D weight blocks, block_axis="last", group sizes
+quantization of every operand is one `grouped_quantize_dq` launch writing BF16 ``code × block scale`` (exact), the
+per-group means are quantized by one `group_mean_quantized` launch, and each GEMM is one batched Triton GEMM
+(`gemm.scaled_gemm`, FP32 accumulation) with the tensor scales, the rank-1 mean terms, the padding mask and the
+output cast fused in its epilogue (no FP32 [G, L, N] intermediates). Quantized operands match the reference bit for
+bit (RTN); outputs differ only by FP32 accumulation order; SR draws from Philox instead of torch's generator. Recipes the kernels do not cover (Hadamard, 2-D weight blocks, block_axis="last", group sizes
 that are not a multiple of the block) fall back to the reference.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hf_lowbit.averis import make_generator, mix_seed
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
 from hf_lowbit.kernels.gemm import scaled_gemm
-from hf_lowbit.kernels.quantize import col_stats_update, grouped_quantize_dq, seed31
-from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, dequantize, divide_exactly, get_format, quantize
+from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
+from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 _HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
@@ -103,16 +101,6 @@ def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor
     return mu, ts
 
 
-def mean_quantized(mu: torch.Tensor, recipe: Recipe, stochastic: bool, generator: torch.Generator | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Q(μ) per group as (FP32 values, BF16 code × block scale, tensor scales) — the reference's quantization."""
-    p = quantize(mu, recipe.format, -1, "sr" if stochastic else "rtn", generator, mx_scale=recipe.mx_scale,
-                 slices=True)
-    unscaled = dequantize(dataclasses.replace(p, tensor_scale=None)).to(torch.bfloat16)
-    ts = None if p.tensor_scale is None else p.tensor_scale.float().reshape(-1)
-    return dequantize(p), unscaled, ts
-
-
 def _scale(*scales: torch.Tensor | None) -> torch.Tensor | float:
     out: torch.Tensor | float = 1.0
     for s in scales:
@@ -153,8 +141,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         w_row = w_row.view(g, n, k)
         mu_x_q = vrow = None
         if recipe.center_activations:
-            gen = make_generator(mix_seed(seed, 1), x.device) if recipe.sr_activations else None
-            mu_x_q, mu_x_u, ts_mu = mean_quantized(mu_x, recipe, recipe.sr_activations, gen)
+            mu_x_q, mu_x_u, ts_mu = group_mean_quantized(mu_x, recipe.format, "sr" if recipe.sr_activations else "rtn",
+                                                         seed31(seed, 24), recipe.mx_scale)
             vrow = _rank1(mu_x_u, w_row.transpose(1, 2), ts_mu, ts_w)[:, 0]
         # one launch: tensor scales, the rank-1 mean row, the padding mask and the output cast in the epilogue
         y = scaled_gemm(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
@@ -185,8 +173,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                                            mx_scale=recipe.mx_scale)
         mu_d_q = mu_d_u = ts_mud = None
         if recipe.center_gradients:
-            gen = make_generator(mix_seed(seed, 2), dy.device) if recipe.sr_gradients else None
-            mu_d_q, mu_d_u, ts_mud = mean_quantized(mu_d, recipe, recipe.sr_gradients, gen)
+            mu_d_q, mu_d_u, ts_mud = group_mean_quantized(mu_d, recipe.format, "sr" if recipe.sr_gradients else "rtn",
+                                                          seed31(seed, 25), recipe.mx_scale)
         dx = dw = None
         if need_dgrad:
             wc = w_col.view(g, n, k)

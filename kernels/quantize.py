@@ -34,7 +34,7 @@ from hf_lowbit.kernels._common import (cdiv, e2m1_value, e4m3_rne, e8m0_from_ama
                                        env_setting, interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
-__all__ = ["AverisQuant", "averis_quantize", "grouped_quantize_dq", "quantize_2d", "seed31"]
+__all__ = ["AverisQuant", "averis_quantize", "group_mean_quantized", "grouped_quantize_dq", "quantize_2d", "seed31"]
 
 
 def seed31(*parts: int) -> int:
@@ -389,21 +389,14 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
 
 
 @triton.jit
-def _quantize_mean_block(mean_ptr, K, pk, amax_ptr, meanq_ptr, seed, ts_out_ptr, BK: tl.constexpr, B: tl.constexpr,
-                         IS_NV: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr):
-    """Q(μ) of columns [pk·BK, (pk+1)·BK) with μ's own tensor scale (from the amax bits at amax_ptr + 1) and block
-    scales: dequantized into meanq_ptr[:K], without the tensor scale into meanq_ptr[K:2K]; column block 0 also
-    stores μ's tensor scale at ts_out_ptr + 1. Blocks of B along K, so the result does not depend on BK."""
-    cols = pk * BK + tl.arange(0, BK)
-    cmask = cols < K
-    mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+def _quantize_vector_block(mu, cols, ts, seed, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
+                           SR: tl.constexpr, MX_CEIL: tl.constexpr):
+    """Q(v) of one [BK] chunk of a vector (blocks of B) → (values with the tensor scale, values without it), FP32.
+    `ts` is the NVFP4 tensor scale (ignored for MXFP4); SR draws Philox(seed, cols)."""
     NB: tl.constexpr = BK // B
     m2 = tl.reshape(mu, [NB, B])
     amax_b = tl.max(tl.where(m2 != m2, float("inf"), tl.abs(m2)), axis=1)
     if IS_NV:
-        ts = _nv_tensor_scale(amax_ptr + 1)
-        if pk == 0:
-            tl.store(ts_out_ptr + 1, ts)
         sbf, sbyte = _nv_block_scale(amax_b, ts)
         sbf = tl.where(ts != ts, float("nan"), sbf)
         den = (sbf * ts)[:, None]
@@ -422,8 +415,73 @@ def _quantize_mean_block(mean_ptr, K, pk, amax_ptr, meanq_ptr, seed, ts_out_ptr,
         v = vu * ts
     else:
         v = vu
-    tl.store(meanq_ptr + cols, tl.reshape(v, [BK]), mask=cmask)
-    tl.store(meanq_ptr + K + cols, tl.reshape(vu, [BK]), mask=cmask)
+    return tl.reshape(v, [BK]), tl.reshape(vu, [BK])
+
+
+@triton.jit
+def _quantize_mean_block(mean_ptr, K, pk, amax_ptr, meanq_ptr, seed, ts_out_ptr, BK: tl.constexpr, B: tl.constexpr,
+                         IS_NV: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr):
+    """Q(μ) of columns [pk·BK, (pk+1)·BK) with μ's own tensor scale (from the amax bits at amax_ptr + 1) and block
+    scales: dequantized into meanq_ptr[:K], without the tensor scale into meanq_ptr[K:2K]; column block 0 also
+    stores μ's tensor scale at ts_out_ptr + 1. Blocks of B along K, so the result does not depend on BK."""
+    cols = pk * BK + tl.arange(0, BK)
+    cmask = cols < K
+    mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    ts = 0.0
+    if IS_NV:
+        ts = _nv_tensor_scale(amax_ptr + 1)
+        if pk == 0:
+            tl.store(ts_out_ptr + 1, ts)
+    v, vu = _quantize_vector_block(mu, cols, ts, seed, BK, B, IS_NV, SR, MX_CEIL)
+    tl.store(meanq_ptr + cols, v, mask=cmask)
+    tl.store(meanq_ptr + K + cols, vu, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _group_mean_quant_kernel(mu_ptr, K, out_ptr, outu_ptr, ts_ptr, seed, NUM_K: tl.constexpr, BK: tl.constexpr,
+                             B: tl.constexpr, IS_NV: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr):
+    """Q(μ_g) of one group's mean vector μ [G, K] per program, with the group's own tensor scale (NVFP4: amax over
+    the row / 2688, NaN when not finite): values into out [G, K], without the tensor scale into outu [G, K] (BF16,
+    exact), the tensor scales into ts [G]. SR draws Philox(seed, g·K + column)."""
+    g32 = tl.program_id(0)
+    g = g32.to(tl.int64)
+    ts = 0.0
+    if IS_NV:
+        amax = tl.zeros([BK], dtype=tl.float32)
+        for it in range(NUM_K):
+            cols = it * BK + tl.arange(0, BK)
+            mu = tl.load(mu_ptr + g * K + cols, mask=cols < K, other=0.0)
+            amax = tl.maximum(amax, tl.where(mu != mu, float("inf"), tl.abs(mu)))
+        gam = tl.max(amax, axis=0)
+        ts = tl.where(gam < float("inf"), tl.math.div_rn(gam, 2688.0), float("nan"))
+        tl.store(ts_ptr + g, ts)
+    for it in range(NUM_K):
+        cols = it * BK + tl.arange(0, BK)
+        cmask = cols < K
+        mu = tl.load(mu_ptr + g * K + cols, mask=cmask, other=0.0)
+        v, vu = _quantize_vector_block(mu, g32 * K + cols, ts, seed, BK, B, IS_NV, SR, MX_CEIL)
+        tl.store(out_ptr + g * K + cols, v, mask=cmask)
+        tl.store(outu_ptr + g * K + cols, vu.to(tl.bfloat16), mask=cmask)
+
+
+def group_mean_quantized(mu: torch.Tensor, format: str, rounding: str = "rtn", seed: int = 0,
+                         mx_scale: str = "floor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q(μ_g) of every group's mean μ [G, K] with per-group tensor scales, in one launch: (FP32 values, BF16
+    code × block scale, FP32 tensor scales [G] or None for MXFP4) — `numerics.quantize(μ, slices=True)` bit for
+    bit with RTN (the MoE experts' mean terms; a torch implementation costs dozens of small ops per call)."""
+    fmt = get_format(format)
+    g, k = mu.shape
+    dev = mu.device
+    mu = mu.float().contiguous()
+    out = torch.empty((g, k), device=dev, dtype=torch.float32)
+    outu = torch.empty((g, k), device=dev, dtype=torch.bfloat16)
+    is_nv = fmt.scale_kind == "e4m3"
+    ts = torch.empty(g, device=dev, dtype=torch.float32) if is_nv else None
+    bk = max(fmt.block_size, min(1024, next_pow2(k)))
+    _group_mean_quant_kernel[(g,)](mu, k, out, outu, ts if ts is not None else out, seed, NUM_K=cdiv(k, bk), BK=bk,
+                                   B=fmt.block_size,
+                                   IS_NV=is_nv, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil", num_warps=4)
+    return out, outu, ts
 
 
 # ---------------------------------------------------------------------------------------------------------------

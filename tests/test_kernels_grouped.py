@@ -116,10 +116,12 @@ def test_stochastic_gradients_are_unbiased():
 
     exact = torch.einsum("gln,glk->gnk", dy * mask[..., None], x0)
     sr = _recipe("nvfp4")
-    one = grads(sr, 0)
-    mean = torch.stack([grads(sr, s) for s in range(24)]).mean(0)
-    assert not torch.equal(one, grads(sr, 1))  # seeds matter
-    assert (mean - exact).norm() < 0.6 * (one - exact).norm()  # averaging removes most of the SR noise
+    draws = torch.stack([grads(sr, s) for s in range(24)])
+    assert not torch.equal(draws[0], draws[1])  # seeds matter
+    # averaging removes most of the SR noise: the mean's error against a typical single draw's (not one draw's,
+    # which varies by ±30% with the seed); what stays is the deterministic RTN error of the activations (~0.55)
+    single = torch.stack([(d - exact).norm() for d in draws]).mean()
+    assert (draws.mean(0) - exact).norm() < 0.7 * single
 
 
 def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
@@ -223,3 +225,36 @@ def test_gradient_values_on_padding_rows_are_ignored(fmt):
     (dx0, dw0), (dx1, dw1) = grads
     assert torch.isfinite(dx1).all() and torch.isfinite(dw1).all()
     assert torch.equal(dx0, dx1) and torch.equal(dw0, dw1)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
+    """One launch quantizes every group's mean vector with its own tensor scale: bit for bit the reference's
+    `quantize(mu, slices=True)` with RTN (values, code × block scale in BF16, tensor scales), ragged K, a zero
+    group, a huge and a NaN group; SR is unbiased and reproducible per seed."""
+    from hf_lowbit.kernels.quantize import group_mean_quantized
+
+    g = torch.Generator().manual_seed(41)
+    mu = torch.randn(5, 200, generator=g) * torch.tensor([1.0, 0.0, 1e30, 3e-3, 1.0])[:, None]
+    mu[4, 17] = float("nan")
+    mu = mu.to(DEV)
+    vals, unscaled, ts = group_mean_quantized(mu, fmt)
+    p = quantize(mu, fmt, -1, "rtn", slices=True)
+    import dataclasses
+
+    ref_unscaled = dequantize(dataclasses.replace(p, tensor_scale=None)).to(torch.bfloat16)
+    assert torch.equal(vals, dequantize(p)) or torch.allclose(vals, dequantize(p), equal_nan=True, rtol=0, atol=0)
+    assert torch.allclose(unscaled.float(), ref_unscaled.float(), equal_nan=True, rtol=0, atol=0)
+    if fmt == "nvfp4":
+        assert torch.allclose(ts, p.tensor_scale.float().reshape(-1), equal_nan=True, rtol=0, atol=0)
+        assert torch.isnan(ts[4]) and ts[1] == 0
+    else:
+        assert ts is None
+    # SR: mean over seeds approaches the exact values (finite groups), same seed → same bits
+    x = (torch.rand(3, 64, generator=g) * 2 - 1).to(DEV)
+    x[:, ::16] = 1.0  # pins every block's scale (an MX floor scale would otherwise clip a block's top values)
+    draws = torch.stack([group_mean_quantized(x, fmt, "sr", seed=s)[0] for s in range(200)])
+    err = (draws.mean(0) - x).abs().max()
+    assert err < 0.06
+    a, b = group_mean_quantized(x, fmt, "sr", seed=7)[0], group_mean_quantized(x, fmt, "sr", seed=7)[0]
+    assert torch.equal(a, b) and not torch.equal(a, group_mean_quantized(x, fmt, "sr", seed=8)[0])
