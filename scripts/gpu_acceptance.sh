@@ -39,7 +39,7 @@ if has host; then stamp host
     2>&1 | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep -v "^ \+[0-9]\+ \+[0-9.]\+ "
 fi
 if has core; then stamp core
-  timeout ${CORE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_kernels_grouped.py tests/test_kernels_mx_fp8.py tests/test_moe.py \
+  timeout ${CORE_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_kernels_grouped.py tests/test_kernels_mx_fp8.py tests/test_moe.py \
     tests/test_training.py tests/test_sd_moe.py tests/test_mhmoe.py tests/test_averis.py 2>&1 | tail -15 | tee "$OUT/core_tests.log"
 fi
 if has demo; then stamp demo
