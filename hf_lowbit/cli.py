@@ -6,6 +6,14 @@ import argparse
 import sys
 
 
+def require_min_ints(parser: argparse.ArgumentParser, checks: list[tuple[str, int | None, int]]) -> None:
+    """`parser.error` for the first ``(flag, value, low)`` whose value is below `low` (None: not given, skipped),
+    naming the flag, the value and what is allowed; the scripts call it before any work."""
+    for flag, value, low in checks:
+        if value is not None and value < low:
+            parser.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 

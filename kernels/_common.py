@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -32,6 +33,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU interpreter: small tiles, no hardware-specific paths)."""
     return _INTERPRET
+
+
+_DUMMIES: dict = {}
+
+
+def dummy_tensors(device) -> tuple:
+    """One-element uint8, BF16 and FP32 tensors per device, for the pointer arguments of absent operands (cached:
+    no allocation per launch)."""
+    d = _DUMMIES.get(device)
+    if d is None:
+        d = _DUMMIES[device] = tuple(torch.empty(1, device=device, dtype=t)
+                                     for t in (torch.uint8, torch.bfloat16, torch.float32))
+    return d
 
 
 _SETTINGS: dict[str, str | None] = {}

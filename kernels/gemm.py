@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, interpreting, next_pow2, tile_offsets
+from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, dummy_tensors, interpreting, next_pow2, tile_offsets
 
 __all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
 
@@ -128,17 +128,6 @@ _SMALL_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_
 #: MoE experts: M (the capacity) changes every step, so one fixed config rather than tuning keyed on it
 _BATCHED_CONFIG = triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8)
 
-_DUMMY: dict[torch.device, torch.Tensor] = {}
-
-
-def _dummy(dev: torch.device) -> torch.Tensor:
-    """One FP32 element per device for the pointer arguments of absent operands (no allocation per call)."""
-    d = _DUMMY.get(dev)
-    if d is None:
-        d = _DUMMY[dev] = torch.empty(1, device=dev, dtype=torch.float32)
-    return d
-
-
 #: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
 _BEST: dict[tuple, triton.Config] = {}
 
@@ -193,7 +182,7 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     assert K == K2 and G == G2, (a.shape, b.shape)
     dev = a.device
     c = torch.empty((G, M, N), device=dev, dtype=out_dtype)
-    dummy = _dummy(dev)
+    dummy = dummy_tensors(dev)[2]
     u1, v1 = r1 if r1 is not None else (dummy, dummy)
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     common = dict(HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
@@ -240,7 +229,7 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
     c = torch.mm(a, b.t())
     M, N = c.shape
     dev = a.device
-    dummy = _dummy(dev)
+    dummy = dummy_tensors(dev)[2]
     u1, v1 = r1 if r1 is not None else (dummy, dummy)
     u2, v2 = r2 if r2 is not None else (dummy, dummy)
     out = c if out_dtype == c.dtype else torch.empty((M, N), device=dev, dtype=out_dtype)

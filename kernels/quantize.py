@@ -25,13 +25,14 @@ blocks as even/odd rows [BM/B, B/2, BK]; SR draws one Philox call per code pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (cdiv, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       env_setting, interpreting, next_pow2, round_e2m1)
+from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale,
+                                       e8m0_scale, env_setting, interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "group_mean_quantized", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -469,6 +470,10 @@ def group_mean_quantized(mu: torch.Tensor, format: str, rounding: str = "rtn", s
     """Q(μ_g) of every group's mean μ [G, K] with per-group tensor scales, in one launch: (FP32 values, BF16
     code × block scale, FP32 tensor scales [G] or None for MXFP4) — `numerics.quantize(μ, slices=True)` bit for
     bit with RTN (the MoE experts' mean terms; a torch implementation costs dozens of small ops per call)."""
+    if mu.dim() != 2 or mu.numel() == 0:
+        raise ValueError(f"group_mean_quantized: mu has shape {tuple(mu.shape)}; allowed: a non-empty [G, K] tensor")
+    if rounding not in ("rtn", "sr"):
+        raise ValueError(f"group_mean_quantized: rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
     fmt = get_format(format)
     g, k = mu.shape
     dev = mu.device
@@ -526,22 +531,22 @@ def _fast() -> bool:
     return env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
 
 
-_DUMMIES: dict = {}
+class _StatsPlan(NamedTuple):
+    """Launch geometry of the statistics kernels (and of `_absmax_kernel`, which shares the first pass's)."""
+
+    grid: tuple          # (column blocks, row splits) of the first pass
+    consts: dict         # its BM, BK, num_warps
+    rows_per: int
+    split: int
+    grid_finalize: tuple
+    m_float: float
+    consts_finalize: dict
 
 
-def _dummies(dev: torch.device):
-    d = _DUMMIES.get(dev)
-    if d is None:
-        d = (torch.empty(1, device=dev, dtype=torch.uint8), torch.empty(1, device=dev, dtype=torch.bfloat16),
-             torch.empty(1, device=dev, dtype=torch.float32))
-        _DUMMIES[dev] = d
-    return d
+_STATS_PLANS: dict[tuple, _StatsPlan] = {}
 
 
-_STATS_PLANS: dict[tuple, tuple] = {}
-
-
-def _stats_plan(M: int, K: int) -> tuple:
+def _stats_plan(M: int, K: int) -> _StatsPlan:
     """Launch geometry of the two statistics kernels for an [M, K] input, computed once per shape (host time:
     this runs for every quantized activation and gradient)."""
     scfg = env_setting("HF_LOWBIT_SCFG", "32,128,4")
@@ -557,8 +562,9 @@ def _stats_plan(M: int, K: int) -> tuple:
         rows_per = max(BMS, next_pow2(cdiv(M, split)))
         split = cdiv(M, rows_per)
         BKF = 32 if interpreting() else 128
-        plan = _STATS_PLANS[key] = ((cdiv(K, BKS), split), dict(BM=BMS, BK=BKS, num_warps=SW), rows_per, split,
-                                    (cdiv(K, BKF),), float(M), dict(BK=BKF, BS=next_pow2(split), num_warps=4))
+        plan = _STATS_PLANS[key] = _StatsPlan((cdiv(K, BKS), split), dict(BM=BMS, BK=BKS, num_warps=SW), rows_per,
+                                              split, (cdiv(K, BKF),), float(M),
+                                              dict(BK=BKF, BS=next_pow2(split), num_warps=4))
     return plan
 
 
@@ -653,9 +659,9 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         mean = camax = None
         amax = torch.zeros(2, device=dev, dtype=torch.int32)
         if plan.is_nv:
-            grid_s, cfg_s, rows_per = _stats_plan(M, K)[:3]
-            _absmax_kernel[grid_s](x, x.stride(0), x.stride(1), M, K, amax, rows_per, **cfg_s)
-    dummy_u8, dummy_bf, dummy_f = _dummies(dev)
+            plan_s = _stats_plan(M, K)
+            _absmax_kernel[plan_s.grid](x, x.stride(0), x.stride(1), M, K, amax, plan_s.rows_per, **plan_s.consts)
+    dummy_u8, dummy_bf, dummy_f = dummy_tensors(dev)
     rc = rs = cc = cs = rdq = cdq = csum = None
     if row and row_packed:
         rc = torch.empty((M, KP // 2), device=dev, dtype=torch.uint8)
@@ -710,7 +716,7 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     dev = x.device
     KP = cdiv(K, B) * B
     BM, BK, nw = _cfg(M, K, B, row, col)
-    dummy_u8, dummy_bf, dummy_f = _dummies(dev)
+    dummy_u8, dummy_bf, dummy_f = dummy_tensors(dev)
     rdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if row else None
     cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if col else None
     n_mt = cdiv(M, BM)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hf_lowbit.cli import require_min_ints
+
 VARIANTS = {"loramoe": {"num_heads": 1, "r": 9}, "mhmoe": {"num_heads": 8, "r": 2}}
 TARGET_RATIO = 1.05
 
@@ -90,10 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    for flag, value, low in (("--rounds", args.rounds, 1), ("--steps-per-round", args.steps_per_round, 1),
-                             ("--warmup", args.warmup, 0), ("--batch", args.batch, 1), ("--seq", args.seq, 1)):
-        if value is not None and value < low:
-            parser.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    require_min_ints(parser, [("--rounds", args.rounds, 1), ("--steps-per-round", args.steps_per_round, 1),
+                              ("--warmup", args.warmup, 0), ("--batch", args.batch, 1), ("--seq", args.seq, 1)])
     if args.out.exists():
         parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
 

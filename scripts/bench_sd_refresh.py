@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_lowbit.cli import require_min_ints
 from hf_lowbit.model_patches.sd_moe import DEFAULT_SVD_DRIVER, SVD_DRIVERS
 
 #: (name, MoE layers, hidden, expert intermediate)
@@ -127,9 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--shapes", default=None, help="comma list of shape indices into SHAPES (default: all)")
     p.add_argument("--out", type=Path, required=True, help="JSON results; must not exist")
     args = p.parse_args(argv)
-    for flag, value, low in (("--rank", args.rank, 1), ("--reps", args.reps, 1), ("--check", args.check, 0)):
-        if value < low:
-            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    require_min_ints(p, [("--rank", args.rank, 1), ("--reps", args.reps, 1), ("--check", args.check, 0)])
     if args.noise < 0:
         p.error(f"--noise={args.noise} is not valid; allowed: a number >= 0")
     drivers = [d for d in args.drivers.split(",") if d]

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from hf_lowbit.cli import require_min_ints
+
 
 def host_and_device_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
     """(host µs per call, device µs per call) of `fn` after two warm-up calls.
@@ -157,10 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--host-rows", type=int, default=30, help="cProfile rows of the FP4 fwd+bwd loop (0: off)")
     p.add_argument("--out", type=Path, help="write the results as JSON; must not exist")
     args = p.parse_args(argv)
-    for flag, value, low in (("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
-                             ("--host-rows", args.host_rows, 0)):
-        if value < low:
-            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    require_min_ints(p, [("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
+                         ("--host-rows", args.host_rows, 0)])
     if args.out is not None and args.out.exists():
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     if not torch.cuda.is_available():

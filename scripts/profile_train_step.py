@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from hf_lowbit.cli import require_min_ints
+
 
 class _VocabOnly:
     """What `named_config` reads from a tokenizer, for a model without one."""
@@ -137,11 +139,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bad = [x for x in precisions if x not in PRECISIONS]
     if bad or not precisions:
         p.error(f"--precisions={args.precisions!r} is not valid; allowed: comma list of {', '.join(PRECISIONS)}")
-    for flag, value, low in (("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
-                             ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1),
-                             ("--host-rows", args.host_rows, 0)):
-        if value < low:
-            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    require_min_ints(p, [("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
+                         ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1),
+                         ("--host-rows", args.host_rows, 0)])
     if args.out is not None and args.out.exists():
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,6 +24,8 @@ from typing import Any, Iterator
 
 import torch
 
+from hf_lowbit.cli import require_min_ints
+
 
 class _Recorder:
     """Stands in for a `triton.jit` kernel: ``kernel[grid](*args)`` records the launch and does nothing."""
@@ -125,10 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rows", type=int, default=0, help="cProfile rows (0: none)")
     p.add_argument("--out", type=Path, help="write the result as JSON; must not exist")
     args = p.parse_args(argv)
-    for flag, value, low in (("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1),
-                             ("--iters", args.iters, 1), ("--rows", args.rows, 0)):
-        if value < low:
-            p.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+    require_min_ints(p, [("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
+                         ("--rows", args.rows, 0)])
     if args.out is not None and args.out.exists():
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     result = measure(args.m, args.k, args.n, args.iters, args.rows)

@@ -243,7 +243,7 @@ def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
     import dataclasses
 
     ref_unscaled = dequantize(dataclasses.replace(p, tensor_scale=None)).to(torch.bfloat16)
-    assert torch.equal(vals, dequantize(p)) or torch.allclose(vals, dequantize(p), equal_nan=True, rtol=0, atol=0)
+    assert torch.allclose(vals, dequantize(p), equal_nan=True, rtol=0, atol=0)  # exact, NaN group included
     assert torch.allclose(unscaled.float(), ref_unscaled.float(), equal_nan=True, rtol=0, atol=0)
     if fmt == "nvfp4":
         assert torch.allclose(ts, p.tensor_scale.float().reshape(-1), equal_nan=True, rtol=0, atol=0)
@@ -258,3 +258,8 @@ def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
     assert err < 0.06
     a, b = group_mean_quantized(x, fmt, "sr", seed=7)[0], group_mean_quantized(x, fmt, "sr", seed=7)[0]
     assert torch.equal(a, b) and not torch.equal(a, group_mean_quantized(x, fmt, "sr", seed=8)[0])
+    for bad, match in ((x[0], r"shape \(64,\).*\[G, K\]"), (x[:, :0], r"shape \(3, 0\)")):
+        with pytest.raises(ValueError, match=match):
+            group_mean_quantized(bad, fmt)
+    with pytest.raises(ValueError, match="rounding='up'.*allowed"):
+        group_mean_quantized(x, fmt, "up")
