@@ -11,7 +11,9 @@ Each expert is its own FP4 tensor: its own Averis mean over the tokens routed to
 Storage modes as for `LowBitLinear`: ``"train"`` master weights (float, trainable), ``"infer"`` packed codes
 (``gate_up_proj`` uint8 ``[E, 2I, ceil(H/B)*B/2]`` packed along the input dim, ``gate_up_proj_scale`` uint8
 ``[E, 2I, ceil(H/B)]``, NVFP4 ``gate_up_proj_tensor_scale`` FP32 ``[E]``; the same for ``down_proj``).
-``recipe=None`` computes in high precision (the stock experts' math), which SD-MoE uses without quantization.
+``recipe=None`` computes in high precision (the stock experts' math), which SD-MoE uses without quantization:
+through `torch.nn.functional.grouped_mm` over the expert-sorted assignments (no padding, no host sync) where the
+shapes allow it, else through the padded layout.
 """
 
 from __future__ import annotations
@@ -81,6 +83,41 @@ class Routing:
         picked = y.reshape(-1, y.shape[-1]).index_select(0, self.rows)
         rows = picked * weights[self.token, self.slot, None]
         return torch.zeros_like(like).index_add(0, self.token, rows.to(like.dtype))
+
+
+def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul runs in under the active autocast of `device` (`dtype` itself when autocast is off)."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else dtype
+
+
+def grouped_mm_supported(hidden_dim: int, intermediate_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `grouped_mm` takes these expert shapes: every operand's row stride a multiple of 16 bytes."""
+    per_16 = 16 // torch.empty((), dtype=dtype).element_size()
+    return hasattr(torch.nn.functional, "grouped_mm") and hidden_dim % per_16 == 0 and intermediate_dim % per_16 == 0
+
+
+def grouped_expert_mlp(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """High-precision routed experts as two `grouped_mm` over the assignments sorted by expert (gated MLP, gate rows
+    before up rows). Assignments to experts ≥ E (on another rank) contribute nothing. No host sync: the group
+    offsets stay on the device. Output rows are summed per token in a fixed order (deterministic)."""
+    t, k = top_k_index.shape
+    e = gate_up.shape[0]
+    dtype = _autocast_dtype(hidden.device, gate_up.dtype)
+    expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    valid = (expert < e)[:, None]
+    counts = torch.zeros(e + 1, dtype=torch.int32, device=hidden.device).scatter_add_(
+        0, expert.clamp(max=e).int(), torch.ones_like(expert, dtype=torch.int32))
+    offsets = torch.cumsum(counts[:e], 0, dtype=torch.int32)
+    # rows past offsets[-1] (other ranks' assignments) are not written by grouped_mm: zero their input (and so its
+    # gradient) and their output
+    x = hidden.index_select(0, order // k).to(dtype).masked_fill(~valid, 0)
+    gate, up = torch.nn.functional.grouped_mm(x, gate_up.to(dtype).transpose(-1, -2), offs=offsets).chunk(2, -1)
+    y = torch.nn.functional.grouped_mm(act_fn(gate) * up, down.to(dtype).transpose(-1, -2), offs=offsets)
+    y = torch.where(valid, y * top_k_weights.reshape(-1)[order, None].to(y.dtype), 0)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return y.index_select(0, inverse).view(t, k, -1).sum(1).to(hidden.dtype)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -184,6 +221,11 @@ class LowBitExperts(nn.Module):
         return tuple(dequantize(self.quantize_weight(w)) for w in self.expert_weights())
 
     # -- forward -------------------------------------------------------------------------------------------------
+    def uses_grouped_mm(self, hidden_states: torch.Tensor) -> bool:
+        """High precision only: whether the forward runs through `grouped_expert_mlp` (else the padded layout)."""
+        dtype = _autocast_dtype(hidden_states.device, self.gate_up_proj.dtype)
+        return self.recipe is None and grouped_mm_supported(self.hidden_dim, self.intermediate_dim, dtype)
+
     def _linear(self, x: torch.Tensor, mask: torch.Tensor, which: int, weight: torch.Tensor | None) -> torch.Tensor:
         if self.recipe is None:
             return x @ weight.transpose(-1, -2).to(x.dtype)
@@ -195,6 +237,9 @@ class LowBitExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.recipe is None and self.uses_grouped_mm(hidden_states):
+            gate_up, down = self.expert_weights()
+            return grouped_expert_mlp(hidden_states, top_k_index, top_k_weights, gate_up, down, self.act_fn)
         routing = Routing.from_top_k(top_k_index, self.num_experts)
         gate_up, down = self.expert_weights() if self.mode == "train" else (None, None)
         x = routing.gather(hidden_states)

@@ -13,6 +13,7 @@
 #   calib  reproduce_meanbias.py, 20 steps per config: data preparation time and step times, to size `repro`
 #   refresh  scripts/bench_sd_refresh.py: SD-MoE basis refresh time and accuracy per cuSOLVER driver; the fastest
 #          accurate one on the bench_moe model's shape is then used by the moe stage's SD-MoE part
+#   sdprof scripts/profile_sd_step.py: host vs device time and kernel counts of SD-MoE's pieces of a training step
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
@@ -70,6 +71,10 @@ if has refresh; then stamp refresh
 print(best_driver(json.load(open('$OUT/bench_sd_refresh.json'))['rows'], SHAPES[0][0]))" 2>>"$OUT/stages.log")
   echo "fastest accurate refresh driver: ${best:-none}" | tee -a "$OUT/stages.log"
   [ -n "$best" ] && SD_DRIVER_ARG="--sd-svd-driver $best"
+fi
+if has sdprof; then stamp sdprof
+  timeout ${SDPROF_TIMEOUT:-150} python3 scripts/profile_sd_step.py --out "$OUT/profile_sd_step.json" 2>&1 | grep -v Warn \
+    | tee "$OUT/profile_sd_step.log" | grep " µs "
 fi
 if has moe; then stamp moe
   timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"

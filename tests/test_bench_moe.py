@@ -70,8 +70,8 @@ def test_experts_rows_times_and_agreement(tiny_run):
 def test_sd_moe_rows_and_overheads(tiny_run):
     sd = tiny_run["sd_moe"]
     rows = {(r["precision"], r["name"]): r for r in sd["results"]}
-    assert set(rows) == {("autocast", n) for n in ("stock", "hp_padded", "sd", "fp4", "fp4_sd")} | {
-        ("bf16", n) for n in ("stock", "hp_padded", "sd")}
+    assert set(rows) == {("autocast", n) for n in ("stock", "hp", "sd", "fp4", "fp4_sd")} | {
+        ("bf16", n) for n in ("stock", "hp", "sd")}
     for (precision, name), row in rows.items():
         assert _positive_finite(row["mean_ms"]) and _positive_finite(row["median_ms"])
         assert len(row["step_ms"]) == sd["timed_steps"] and all(_positive_finite(t) for t in row["step_ms"])
@@ -81,9 +81,16 @@ def test_sd_moe_rows_and_overheads(tiny_run):
                                          else "LowBitExperts")
         # the timed window holds timed_steps / refresh_every basis refreshes
         assert row["refreshes_timed"] == (sd["timed_steps"] // sd["refresh_every"] if is_sd else None)
+        assert row["triton_compiles_timed_window"] == []  # CPU: the interpreter compiles nothing
     pairs = {(o["precision"], o["variant"], o["baseline"]): o for o in sd["overheads"]}
     assert ("autocast", "sd", "stock") in pairs and ("autocast", "fp4_sd", "fp4") in pairs
     assert all(math.isfinite(o["overhead_pct"]) for o in pairs.values())
+    # the overhead is the median of per-round ratios of the interleaved loops
+    v, b = rows[("autocast", "sd")]["step_ms"], rows[("autocast", "stock")]["step_ms"]
+    ratios = sorted(x / y for x, y in zip(v, b))
+    expected = 100 * ((ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2 - 1) if len(ratios) % 2 == 0 \
+        else 100 * (ratios[len(ratios) // 2] - 1)
+    assert pairs[("autocast", "sd", "stock")]["overhead_pct"] == pytest.approx(expected)
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys):

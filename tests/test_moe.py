@@ -53,6 +53,69 @@ def test_high_precision_experts_equal_stock(kind, tiny_model_dir):
     assert torch.allclose(ours(h, idx, w), stock(h, idx, w), atol=1e-6, rtol=1e-5)
 
 
+def _padded_and_grouped(dtype, e=5, hidden=64, inter=32, seed=1):
+    from hf_lowbit.model_patches.experts import grouped_expert_mlp
+
+    torch.manual_seed(seed)
+    experts = LowBitExperts(e, hidden, inter, nn.SiLU(), recipe=None, dtype=dtype)
+    nn.init.normal_(experts.gate_up_proj, std=0.2)
+    nn.init.normal_(experts.down_proj, std=0.2)
+    return experts, grouped_expert_mlp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_experts_equal_padded_layout_with_gradients(dtype):
+    """The high-precision grouped_mm path: same outputs and gradients (hidden states, both weights, routing weights)
+    as the padded expert-major layout, with an empty expert and assignments to experts on another rank (index ≥ E)."""
+    experts, grouped = _padded_and_grouped(dtype)
+    h, idx, w = _routing(t=23, e=4)  # expert 4 of 5 gets nothing
+    idx[3, 1] = 5  # on another rank
+    h, w = h.to(dtype), w.to(dtype)
+    assert experts.uses_grouped_mm(h)
+    results = []
+    for path in ("padded", "grouped"):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        if path == "grouped":
+            out = grouped(hh, idx, ww, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+        else:
+            routing = hf_lowbit.model_patches.Routing.from_top_k(idx, experts.num_experts)
+            x = routing.gather(hh)
+            g, u = (x @ experts.gate_up_proj.transpose(-1, -2)).chunk(2, -1)
+            y = (experts.act_fn(g) * u * routing.mask[..., None].to(dtype)) @ experts.down_proj.transpose(-1, -2)
+            out = routing.combine(y, ww, hh)
+        out.backward(torch.ones_like(out) + torch.arange(out.shape[-1], dtype=dtype) / 64)
+        results.append([out, hh.grad, ww.grad, experts.gate_up_proj.grad, experts.down_proj.grad])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.06, rtol=0.03)
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all() and torch.allclose(a.float(), b.float(), **tol)
+    assert results[1][2][3, 1] == 0 and results[1][4][4].abs().max() == 0  # the other rank's slot; the idle expert
+
+
+def test_grouped_mm_path_choice_and_module_forward():
+    """`LowBitExperts(recipe=None)` takes grouped_mm when every row stride is a multiple of 16 bytes, else the
+    padded layout; both give the same forward; under CPU autocast the grouped path computes in BF16."""
+    experts, grouped = _padded_and_grouped(torch.float32)
+    h, idx, w = _routing(t=17, e=5)
+    out = experts(h, idx, w)
+    assert torch.allclose(out, grouped(h, idx, w, experts.gate_up_proj, experts.down_proj, experts.act_fn))
+    odd = LowBitExperts(5, 64, 30, nn.SiLU(), recipe=None)  # 30 FP32 = 120 bytes: padded layout
+    assert not odd.uses_grouped_mm(h) and experts.uses_grouped_mm(h)
+    with torch.no_grad():
+        odd.gate_up_proj.copy_(torch.cat([experts.gate_up_proj[:, :30], experts.gate_up_proj[:, 32:62]], 1))
+        odd.down_proj.copy_(experts.down_proj[..., :30])
+    narrow = LowBitExperts(5, 64, 32, nn.SiLU(), recipe=None)
+    with torch.no_grad():
+        narrow.gate_up_proj.copy_(torch.cat([odd.gate_up_proj[:, :30], torch.zeros(5, 2, 64),
+                                             odd.gate_up_proj[:, 30:], torch.zeros(5, 2, 64)], 1))
+        narrow.down_proj.copy_(torch.cat([odd.down_proj, torch.zeros(5, 64, 2)], -1))
+    assert torch.allclose(odd(h, idx, w), narrow(h, idx, w), atol=1e-5)  # padded (I=30) == grouped (I=32, zeros)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = experts(h, idx, w)
+    assert auto.dtype == torch.float32 and not torch.equal(auto, out)
+    assert torch.allclose(auto, out, atol=0.05 * out.abs().max().item())
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_experts_equal_per_expert_reference_math(fmt, tiny_model_dir):
     stock = _load(tiny_model_dir("qwen3_moe")).model.layers[0].mlp.experts
