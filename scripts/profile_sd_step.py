@@ -4,7 +4,7 @@
 
 On `scripts/bench_moe.py`'s small Qwen3-MoE LM (the SD-MoE overhead benchmark), for each precision: forward +
 backward of the stock model, of `LowBitExperts(recipe=None)` ("hp") and of SD-MoE; then SD-MoE's gradient rule
-(`project_gradients`) and basis refresh (`refresh_bases`) alone. Each piece gets its host time per call (what the
+(`project_gradients`, replayed as a CUDA graph, and its eager ops) and basis refresh (`refresh_bases`) alone. Each piece gets its host time per call (what the
 Python thread spends enqueueing it), its device time per call (GPU execution only) and the number of GPU kernels it
 launches, plus a table of the rule's and the refresh's kernels by device time. A piece whose host time exceeds its
 device time costs host time in a host-bound step (this model's steps are).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +43,19 @@ def kernels_per_call(fn: Callable[[], Any], rows: int, calls: int = 3) -> tuple[
     return launches / calls, table
 
 
+def eager(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` with the SD-MoE rule's CUDA graph off (``HF_LOWBIT_SD_GRAPH=0``): the eager ops, for comparison."""
+    previous = os.environ.get("HF_LOWBIT_SD_GRAPH")
+    os.environ["HF_LOWBIT_SD_GRAPH"] = "0"
+    try:
+        return fn(*args)
+    finally:
+        if previous is None:
+            del os.environ["HF_LOWBIT_SD_GRAPH"]
+        else:
+            os.environ["HF_LOWBIT_SD_GRAPH"] = previous
+
+
 def pieces(precision: str, device: torch.device, shape: bench_moe.LMShape,
            settings: bench_moe.Settings) -> dict[str, Callable[[], Any]]:
     """The timed pieces of one precision: fwd+bwd of each variant, then SD-MoE's rule and refresh."""
@@ -65,6 +79,7 @@ def pieces(precision: str, device: torch.device, shape: bench_moe.LMShape,
     sd_model = model
     out["fwd_bwd sd"]()  # gradients for the rule to project (idempotent: every call does the same work)
     out["project_gradients sd"] = lambda: hf_lowbit.project_gradients(sd_model)
+    out["project_gradients sd eager"] = lambda: eager(hf_lowbit.project_gradients, sd_model)
     out["refresh_bases sd"] = lambda: hf_lowbit.refresh_bases(sd_model)
     return out
 

@@ -373,3 +373,40 @@ def test_refresh_recomputes_non_finite_bases_of_an_approximate_driver(monkeypatc
     w[1, 0, 0] = float("nan")
     sd_moe._stack_svd(w)
     assert calls == ["gesvda"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs in the GPU acceptance stage)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_rule_equals_eager_rule_across_refreshes(monkeypatch, dtype):
+    """On CUDA the batched rule is replayed as a CUDA graph: the same gradients as the eager ops, with new gradients
+    on every replay and new bases after a refresh."""
+    from hf_lowbit.model_patches.sd_graph import graphs_enabled
+
+    model = stock("qwen3_moe").to("cuda", dtype)
+    apply_sd_moe(model, rank=4, init="project")
+    eager = copy.deepcopy(model)
+    assert graphs_enabled(torch.device("cuda"))
+    for step in range(3):
+        _random_grads(model, dtype, seed=step)
+        for n, p in eager.named_parameters():
+            other = model.get_parameter(n)
+            p.grad = None if other.grad is None else other.grad.clone()
+        project_gradients(model)
+        monkeypatch.setenv("HF_LOWBIT_SD_GRAPH", "0")
+        project_gradients(eager)
+        monkeypatch.delenv("HF_LOWBIT_SD_GRAPH")
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                q = eager.get_parameter(n).grad
+                assert torch.allclose(p.grad.float(), q.float(), atol=1e-6 * float(q.abs().max()) + 1e-30, rtol=1e-5)
+        graphs = [m.__dict__.get("_rule_graphs", {}) for _, m in sd_modules(model)]
+        assert sum(len(g) for g in graphs) == 2  # one graph per problem (gate/up, down), captured once
+        gen = torch.Generator().manual_seed(10 + step)
+        with torch.no_grad():  # move W_c (the same in both), then refresh: the graph must use the new bases
+            for (_, a), (_, b) in zip(sd_modules(model), sd_modules(eager)):
+                for m in SD_MATRICES:
+                    delta = torch.randn(a.common(m).shape, generator=gen).to("cuda", dtype)
+                    a.common(m).add_(delta)
+                    b.common(m).add_(delta)
+        refresh_bases(model)
+        refresh_bases(eager)
