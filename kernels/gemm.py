@@ -61,10 +61,10 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
 
 
 # M is the MoE capacity in the batched case (a new value every step): not specialized on (no recompiles mid-run)
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "NUM_K"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
-                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg, n_tok,
-                 NUM_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
+                 sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg, n_tok, NUM_K,
+                 EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
                  HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr,
                  ROUND_BF16: tl.constexpr,
                  DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -90,6 +90,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
     a_ptrs = a_ptr + am[:, None].to(tl.int64) * sam + offs_k[None, :].to(tl.int64) * sak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * sbk + bn[None, :].to(tl.int64) * sbn
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    # NUM_K = cdiv(K, BK) is a runtime trip count: K is an MoE expert's capacity in the wgrad GEMM, and as a
+    # constexpr it recompiled the kernel (~0.5 s) for every new capacity (3 stalled steps in bench_moe, 2026-11-30)
     for kt in range(NUM_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -160,7 +162,10 @@ def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cf
     """One launch of the GEMM kernel with tile config `cfg` over G groups."""
     kw = cfg.kwargs
     grid = (cdiv(M, kw["BM"]) * cdiv(N, kw["BN"]), G)
-    _gemm_kernel[grid](*args, NUM_K=cdiv(K, kw["BK"]), EVEN_K=K % kw["BK"] == 0, DOT_F32=dot_f32, **kw,
+    num_k = cdiv(K, kw["BK"])
+    # the interpreter of Triton 3.6 turns a runtime int into a 1-element array that `range` cannot take with
+    # numpy >= 2.4; a constexpr-wrapped value passes through as a plain int there
+    _gemm_kernel[grid](*args, tl.constexpr(num_k) if interpreting() else num_k, EVEN_K=K % kw["BK"] == 0, DOT_F32=dot_f32, **kw,
                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
 

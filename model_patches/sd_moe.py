@@ -202,10 +202,16 @@ def svd_driver(device: torch.device) -> str | None:
 
 def _stack_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reduced SVD of a stack of tall FP32 matrices with the refresh driver; where an approximate driver returns
-    non-finite factors for finite input (gesvda divides by the singular values: a zero W_c), PyTorch's default
-    driver recomputes the stack. The check costs one host sync per refresh."""
+    non-finite factors for finite input (gesvda divides by the singular values: a zero W_c) or fails to converge,
+    PyTorch's default driver recomputes the stack. The check costs one host sync per refresh."""
     driver = svd_driver(w.device)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=driver)
+    try:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=driver)
+    except torch.linalg.LinAlgError:
+        if driver is None:
+            raise
+        # gesvda raised "failed to converge" on an exactly rank-k FP32 W_c (the "preserve" init) on an H200
+        return torch.linalg.svd(w, full_matrices=False)
     if driver is not None and driver != "gesvd":
         bad = ~(torch.isfinite(u).all() & torch.isfinite(vh).all()) & torch.isfinite(w).all()
         if bool(bad):

@@ -336,15 +336,17 @@ def test_top_level_import_is_safe():
 
 
 def test_per_call_integers_are_not_specialized_on():
-    """Seeds (new every call) and the MoE capacity (new every step) must not be Triton specialization keys: each new
-    `% 16` / `== 1` class would compile another kernel variant in the middle of training. Checked on the compiled
+    """Seeds (new every call) and the MoE capacity (new every step: M of the expert fprop/dgrad GEMMs, K of their
+    wgrad, whose trip count NUM_K is a runtime argument, not a constexpr) must not be Triton specialization keys:
+    each new value class would compile another kernel variant in the middle of training. Checked on the compiled
     (non-interpreter) kernel objects, in a subprocess without TRITON_INTERPRET."""
     code = ("from hf_lowbit.kernels import quantize as q, gemm as g\n"
             "for k in (q._quant_kernel, g._gemm_kernel):\n"
-            "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n")
+            "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n"
+            "print([p.is_constexpr for p in g._gemm_kernel.params if p.name == 'NUM_K'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_mean', 'seed_row']", "['M']"]
+    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_mean', 'seed_row']", "['M', 'NUM_K']", "[False]"]
 
 
 def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):

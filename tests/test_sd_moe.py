@@ -375,6 +375,30 @@ def test_refresh_recomputes_non_finite_bases_of_an_approximate_driver(monkeypatc
     assert calls == ["gesvda"]
 
 
+def test_refresh_recomputes_when_the_approximate_driver_fails_to_converge(monkeypatch):
+    """gesvda raised `LinAlgError` (did not converge) on an exactly rank-k FP32 W_c on an H200: the refresh then uses
+    PyTorch's default driver; an error of the default driver itself propagates."""
+    from hf_lowbit.model_patches import sd_moe
+
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def failing_svd(w, full_matrices=True, driver=None):
+        calls.append(driver)
+        if driver == "gesvda" or w.shape[0] == 1:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(w, full_matrices=full_matrices)
+
+    monkeypatch.setattr(sd_moe, "svd_driver", lambda device: "gesvda")
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    w = torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(0))
+    u, s, vh = sd_moe._stack_svd(w)
+    assert calls == ["gesvda", None]
+    torch.testing.assert_close((u * s[:, None]) @ vh, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):
+        sd_moe._stack_svd(w[:1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs in the GPU acceptance stage)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_rule_equals_eager_rule_across_refreshes(monkeypatch, dtype):
