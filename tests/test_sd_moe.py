@@ -221,7 +221,7 @@ def _random_grads(model, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     for _, mod in sd_modules(model):
         for p in mod.parameters():
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            p.grad = torch.randn(p.shape, generator=g).to(p.device, dtype)
 
 
 def _reference(mod, name, g):
