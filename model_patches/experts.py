@@ -43,6 +43,8 @@ class Routing:
     slot: torch.Tensor     # [n] which of the token's top-k choices
     mask: torch.Tensor     # [E, C] 1.0 on real rows
     capacity: int
+    slot_rows: torch.Tensor  # [T, k] row of each (token, slot) in the flattened layout (0 for a dropped one)
+    dropped: bool            # some assignments went to experts ≥ E (host-known: the boolean indexing synced)
 
     @classmethod
     def from_top_k(cls, top_k_index: torch.Tensor, num_experts: int) -> "Routing":
@@ -62,7 +64,9 @@ class Routing:
         capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
         mask = torch.zeros(num_experts, capacity, device=flat.device)
         mask[expert, pos] = 1.0
-        return cls(expert, pos, order // k, order % k, mask, capacity)
+        slot_rows = torch.zeros(t * k, dtype=torch.long, device=flat.device).index_copy_(
+            0, order, expert * capacity + pos)
+        return cls(expert, pos, order // k, order % k, mask, capacity, slot_rows.view(t, k), len(order) < t * k)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -79,10 +83,19 @@ class Routing:
         return x.view(e, c, hidden.shape[-1])
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype."""
-        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.rows)
-        rows = picked * weights[self.token, self.slot, None]
-        return torch.zeros_like(like).index_add(0, self.token, rows.to(like.dtype))
+        """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype.
+
+        Gathered token-major ([T, k, H]) and summed over k in FP32, like transformers' grouped_mm experts: one
+        rounding and a fixed order (an `index_add` into BF16 rounded after every slot, and its atomics made the
+        sum's order, hence its bits, vary from run to run)."""
+        t, k = self.slot_rows.shape
+        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.slot_rows.reshape(-1)).view(t, k, -1)
+        rows = picked * weights[..., None].float()
+        if self.dropped:  # their slot_rows point at row 0: zero them whatever that row holds
+            kept = torch.zeros(t * k, dtype=torch.bool, device=rows.device)
+            kept[self.token * k + self.slot] = True
+            rows = torch.where(kept.view(t, k, 1), rows, 0)
+        return rows.sum(1).to(like.dtype)
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
