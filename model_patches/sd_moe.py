@@ -38,7 +38,8 @@ Custom (Accelerate) loops::
     after_optimizer_step(model)          # refresh every `refresh_every` steps (+ ablations)
 
 (`refresh_bases(model)` refreshes unconditionally; `install_gradient_hooks(model)` is the hook route.)
-FSDP-sharded (DTensor) expert parameters are not supported by the projection.
+Under FSDP2 (`fully_shard`: DTensors sharded along dim 0) both routes work: each rank projects its own experts'
+``W_u`` gradients, ``W_c`` is gathered for its rule and for the refresh (`sd_sharded`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from torch import nn
 from hf_lowbit.config import module_matches
 from hf_lowbit.model_patches.experts import LowBitExperts
 from hf_lowbit.model_patches.sd_graph import graphed_rule, graphs_enabled
+from hf_lowbit.model_patches.sd_sharded import (broadcast_from_first_rank, gathered, is_sharded, local_experts,
+                                                write_local_rows)
 
 SD_MATRICES = ("gate", "up", "down")
 INITS = ("preserve", "project", "scratch")
@@ -228,11 +231,16 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
         groups.setdefault((mod.intermediate_dim, mod.hidden_dim, mod.common_gate.device), []).append(mod)
     for (i, h, _), group in groups.items():
         flip = {m: (h if m == "down" else i) < (i if m == "down" else h) for m in SD_MATRICES}
-        w = torch.stack([mod.common(m).detach().float().mT if flip[m] else mod.common(m).detach().float()
-                         for mod in group for m in SD_MATRICES])                       # [3M, max(I,H), min(I,H)]
+        whole = {(j, m): gathered(mod.common(m).detach(), f"common_{m}").float()  # FSDP2: all-gathered W_c
+                 for j, mod in enumerate(group) for m in SD_MATRICES}
+        w = torch.stack([whole[j, m].mT if flip[m] else whole[j, m]
+                         for j in range(len(group)) for m in SD_MATRICES])             # [3M, max(I,H), min(I,H)]
         u, s, vh = _stack_svd(w)
         k = max(mod.rank for mod in group)
         uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
+        s = s[..., :k].contiguous()
+        if any(mod.is_sharded() for mod in group):
+            broadcast_from_first_rank([uk, vk, s])  # every rank projects with the same bits
         for j, mod in enumerate(group):
             fold = mod.fold_residual if fold_residual is None else fold_residual
             r = mod.rank
@@ -242,8 +250,12 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
                 if fold:
                     wc = mod.common(m)
                     low = (bu * s[n, :r]) @ bv.transpose(0, 1)
-                    mod.unique(m).add_((wc.float() - low).to(mod.gate_up_proj.dtype))
-                    wc.copy_(low.to(wc.dtype))
+                    mine = local_experts((mod.down_proj if m == "down" else mod.gate_up_proj).detach(), "W_u")
+                    mod.unique(m, mine).add_((whole[j, m] - low).to(mine.dtype))
+                    if is_sharded(wc):
+                        write_local_rows(wc.detach(), low)
+                    else:
+                        wc.copy_(low.to(wc.dtype))
                 mod._set_bases(m, bu, bv)
             mod.refreshes += 1
 
@@ -377,17 +389,28 @@ class SDMoEExperts(LowBitExperts):
 
     def project_unique_grad(self, param: str | None = None) -> None:
         """W_u.grad ← DC(W_u.grad) for ``param`` (``"gate_up_proj"``: gate and up in one batched op,
-        ``"down_proj"``) or both (None)."""
+        ``"down_proj"``) or both (None). FSDP2-sharded: the rank's own experts."""
         for name, ms in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
             g = getattr(self, name).grad
             if param in (None, name) and g is not None:
-                _project_stack(self, name, [(g, (self, ms, self.num_experts))], [])
+                local = local_experts(g, f"{name}.grad")
+                _project_stack(self, name, [(local, (self, ms, local.shape[0]))], [])
 
     def project_common_grad(self, m: str | None = None) -> None:
-        """W_c.grad ← W_c.grad − DC(W_c.grad) for matrix type ``m`` or all three (None; gate and up batched)."""
+        """W_c.grad ← W_c.grad − DC(W_c.grad) for matrix type ``m`` or all three (None; gate and up batched).
+        FSDP2-sharded: on the gathered matrix, then the rank's rows written back."""
         for ms in (("gate", "up"), ("down",)):
-            todo = [(self.common(t).grad, (self, (t,), 1)) for t in ms if m in (None, t)]
-            _project_stack(self, ("common",) + ms if m is None else m, [], [x for x in todo if x[0] is not None])
+            grads = [(self.common(t).grad, t) for t in ms if m in (None, t) and self.common(t).grad is not None]
+            whole = [gathered(g, f"common_{t}.grad") for g, t in grads]
+            _project_stack(self, ("common",) + ms if m is None else m, [],
+                           [(w, (self, (t,), 1)) for w, (_, t) in zip(whole, grads)])
+            for (g, _), w in zip(grads, whole):
+                if is_sharded(g):
+                    write_local_rows(g, w)
+
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 shards this module's parameters (DTensors)."""
+        return any(is_sharded(p) for p in self.parameters())
 
     def project_gradients(self) -> None:
         """W_u.grad ← DC(W_u.grad), W_c.grad ← W_c.grad − DC(W_c.grad) (idempotent); W_u in place when FP32."""
@@ -405,9 +428,9 @@ class SDMoEExperts(LowBitExperts):
         snap = self.__dict__.get("_snapshot")
         if snap is None:
             return
-        for m in SD_MATRICES:
-            old = self.unique(m, snap[1] if m == "down" else snap[0])
-            new = self.unique(m)
+        for m in SD_MATRICES:  # FSDP2-sharded: the rank's own experts
+            old = self.unique(m, local_experts(snap[1] if m == "down" else snap[0]))
+            new = self.unique(m, local_experts((self.down_proj if m == "down" else self.gate_up_proj).detach()))
             delta = double_complement(new.float() - old.float(), *self.bases(m))
             new.copy_((old.float() + delta).to(new.dtype))
         self.__dict__["_snapshot"] = None
@@ -548,8 +571,11 @@ def fold_sd_moe(model: nn.Module) -> list[str]:
 
 def _project_all(mods: list[SDMoEExperts]) -> None:
     """The gradient rule for `mods`: same-shape modules together, two batched problems (gate/up, down) per
-    `GROUP_NUMEL` batch."""
-    for batch in _batches(mods):
+    `GROUP_NUMEL` batch; FSDP2-sharded modules one by one (see `sd_sharded`)."""
+    for mod in mods:
+        if mod.is_sharded():
+            mod.project_gradients()
+    for batch in _batches([mod for mod in mods if not mod.is_sharded()]):
         if len(batch) > 1:
             _project_modules(batch)
         else:
