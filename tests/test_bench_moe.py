@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -149,3 +150,29 @@ def test_bench_sd_refresh_tiny(tmp_path, capsys):
         with pytest.raises(SystemExit):
             script.main(argv)
         assert match in capsys.readouterr().err
+
+
+def test_profile_sd_step_pieces_run_on_cpu(monkeypatch):
+    """scripts/profile_sd_step.py (GPU timing): its pieces run at toy size on the CPU, the eager variant of the rule
+    sets HF_LOWBIT_SD_GRAPH=0 only while it runs, and the script refuses to start without a GPU, bad flags first."""
+    _load_script()  # profile_sd_step imports bench_moe
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import torch
+
+    import profile_sd_step as prof
+
+    bench = sys.modules["bench_moe"]
+    monkeypatch.setenv("HF_LOWBIT_SD_GRAPH", "1")
+    seen = []
+    pieces = prof.pieces("bf16", torch.device("cpu"), bench.TINY_LM, bench.Settings(device="cpu"))
+    assert list(pieces) == ["fwd_bwd stock", "fwd_bwd hp", "fwd_bwd sd", "project_gradients sd",
+                            "project_gradients sd eager", "refresh_bases sd"]
+    for fn in pieces.values():
+        fn()
+    prof.eager(lambda: seen.append(os.environ["HF_LOWBIT_SD_GRAPH"]))
+    assert seen == ["0"] and os.environ["HF_LOWBIT_SD_GRAPH"] == "1"
+    with pytest.raises(SystemExit):
+        prof.main(["--iters", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            prof.main([])
