@@ -74,13 +74,21 @@ class Routing:
         return self.expert * self.capacity + self.pos
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable).
-
-        Row copies through one flat index (`index_select` / `index_copy`, whose backward passes are again row
-        gathers/scatters) instead of a two-tensor advanced index over [E, C, H]."""
+        """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable; the
+        backward sums each token's k slot gradients in FP32 in a fixed order, see `sum_slots`)."""
         e, c = self.mask.shape
-        x = hidden.new_zeros(e * c, hidden.shape[-1]).index_copy(0, self.rows, hidden.index_select(0, self.token))
-        return x.view(e, c, hidden.shape[-1])
+        return _ExpertMajorRows.apply(hidden, self).view(e, c, hidden.shape[-1])
+
+    def sum_slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """[T·k, H] rows in (token, slot) order → [T, H] sums over the k slots, accumulated in FP32 (one rounding to
+        the rows' dtype, fixed order: no atomics); slots of dropped assignments count as zero."""
+        t, k = self.slot_rows.shape
+        rows = rows.view(t, k, -1)
+        if self.dropped:  # their slot_rows point at row 0: zero them whatever that row holds
+            kept = torch.zeros(t * k, dtype=torch.bool, device=rows.device)
+            kept[self.token * k + self.slot] = True
+            rows = torch.where(kept.view(t, k, 1), rows, 0)
+        return rows.sum(1)
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype.
@@ -88,14 +96,25 @@ class Routing:
         Gathered token-major ([T, k, H]) and summed over k in FP32, like transformers' grouped_mm experts: one
         rounding and a fixed order (an `index_add` into BF16 rounded after every slot, and its atomics made the
         sum's order, hence its bits, vary from run to run)."""
-        t, k = self.slot_rows.shape
-        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.slot_rows.reshape(-1)).view(t, k, -1)
-        rows = picked * weights[..., None].float()
-        if self.dropped:  # their slot_rows point at row 0: zero them whatever that row holds
-            kept = torch.zeros(t * k, dtype=torch.bool, device=rows.device)
-            kept[self.token * k + self.slot] = True
-            rows = torch.where(kept.view(t, k, 1), rows, 0)
-        return rows.sum(1).to(like.dtype)
+        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.slot_rows.reshape(-1))
+        return self.sum_slots(picked * weights.reshape(-1, 1).float()).to(like.dtype)
+
+
+class _ExpertMajorRows(torch.autograd.Function):
+    """Token rows → the flattened expert-major layout ``[E·C, H]`` (zeros on padding rows). Backward: each token's
+    gradient is the sum of its k slots' row gradients (`Routing.sum_slots`), not an `index_add` with k-way atomics."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        ctx.routing = routing
+        e, c = routing.mask.shape
+        return hidden.new_zeros(e * c, hidden.shape[-1]).index_copy_(0, routing.rows,
+                                                                      hidden.index_select(0, routing.token))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        r = ctx.routing
+        return r.sum_slots(grad.index_select(0, r.slot_rows.reshape(-1))), None
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

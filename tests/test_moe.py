@@ -197,10 +197,10 @@ def test_routing_layout_gather_and_combine_with_gradients():
     assert torch.allclose(hidden.grad, hidden_ref.grad) and torch.allclose(y.grad, y_ref.grad, atol=1e-6)
 
 
-def test_combine_sums_each_token_in_fp32_with_one_rounding():
+def test_combine_and_gather_backward_sum_each_token_in_fp32_with_one_rounding():
     """BF16 expert outputs, 8 slots per token: the combined output is the exact weighted sum rounded once to BF16
     (within half a BF16 ulp of an FP64 reference), and a dropped slot (another rank's expert) contributes nothing
-    even when the row its index falls back to holds Inf."""
+    even when the row its index falls back to holds Inf; the same for the gather's input gradient."""
     from hf_lowbit.model_patches import Routing
 
     gen = torch.Generator().manual_seed(5)
@@ -227,6 +227,13 @@ def test_combine_sums_each_token_in_fp32_with_one_rounding():
     assert out.dtype == torch.bfloat16
     err = (out[finite].double() - ref[finite]).abs()
     assert (err <= 2 ** -8 * ref[finite].abs() + 1e-30).all()
+    # the gather's backward: each token's gradient sums its k slot rows' gradients the same way
+    hidden = torch.zeros(t, hdim, dtype=torch.bfloat16, requires_grad=True)
+    grad_rows = (torch.randn(e * r.capacity, hdim, generator=gen) * 100).to(torch.bfloat16)
+    r.gather(hidden).backward(grad_rows.view(e, r.capacity, hdim))
+    want = torch.zeros(t, hdim, dtype=torch.float64).index_add_(0, r.token, grad_rows[r.rows].double())
+    assert hidden.grad.dtype == torch.bfloat16
+    assert ((hidden.grad.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-30).all()
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -18,17 +16,11 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
@@ -37,8 +29,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from hf_lowbit.model_patches.sd_moe import (SD_MATRICES, apply_sd_moe, install_gradient_hooks,
                                                 project_gradients, refresh_bases, sd_modules)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store in the test's own directory: no TCP port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
@@ -90,7 +82,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_sd_moe_rule_and_refresh_under_fsdp2_equal_the_unsharded_model(tmp_path):
     """Gradients through the hook route (each rank projects its own experts' W_u, W_c gathered), then a refresh with
     the residual fold (W_c gathered for the SVD, bases broadcast, rows written back): equal to the unsharded model."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD)
     for rank in range(WORLD):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         grads = {k: v for k, v in result.items() if k.startswith("grad")}
