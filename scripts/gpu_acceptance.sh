@@ -30,6 +30,9 @@ STAGES=${STAGES:-"core demo"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 clean() { tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$"; }
 stamp() { echo "== $1 $(date +%T)" | tee -a "$OUT/stages.log"; }
+# a stage's failing command (pipefail: any part of its pipeline) is logged; the script exits with the count
+FAILED=0
+fail() { echo "!! stage $1 failed (exit $2)" | tee -a "$OUT/stages.log"; FAILED=$((FAILED + 1)); }
 
 python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/env.log" 2>&1
 python3 -c "import torch, transformers, peft, accelerate, triton; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.device_count())" 2>&1 | tee -a "$OUT/env.log"
@@ -37,14 +40,16 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
 if has host; then stamp host
   timeout ${HOST_TIMEOUT:-150} python3 scripts/profile_linear_host.py --iters 50 --out "$OUT/profile_linear_host.json" \
-    2>&1 | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep -v "^ \+[0-9]\+ \+[0-9.]\+ "
+    2>&1 | grep -v Warn | tee "$OUT/profile_linear_host.log" | grep -v "^ \+[0-9]\+ \+[0-9.]\+ " || fail host $?
 fi
 if has core; then stamp core
   timeout ${CORE_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels.py tests/test_kernels_grouped.py tests/test_kernels_mx_fp8.py tests/test_moe.py \
-    tests/test_training.py tests/test_sd_moe.py tests/test_mhmoe.py tests/test_averis.py 2>&1 | tail -15 | tee "$OUT/core_tests.log"
+    tests/test_training.py tests/test_sd_moe.py tests/test_mhmoe.py tests/test_averis.py 2>&1 | tail -15 | tee "$OUT/core_tests.log" \
+    || fail core $?
 fi
 if has demo; then stamp demo
-  ( cd /tmp && timeout ${DEMO_TIMEOUT:-200} hf-lowbit demo --output-dir "$OUT/demo" --overwrite 2>&1 ) | clean | tail -25 | tee "$OUT/demo.log"
+  ( cd /tmp && timeout ${DEMO_TIMEOUT:-200} hf-lowbit demo --output-dir "$OUT/demo" --overwrite 2>&1 ) | clean | tail -25 \
+    | tee "$OUT/demo.log" || fail demo $?
   rm -rf "$OUT/demo"
 fi
 if has mhmoe; then stamp mhmoe
@@ -74,10 +79,11 @@ print(best_driver(json.load(open('$OUT/bench_sd_refresh.json'))['rows'], SHAPES[
 fi
 if has sdprof; then stamp sdprof
   timeout ${SDPROF_TIMEOUT:-150} python3 scripts/profile_sd_step.py --out "$OUT/profile_sd_step.json" 2>&1 | grep -v Warn \
-    | tee "$OUT/profile_sd_step.log" | grep " µs "
+    | tee "$OUT/profile_sd_step.log" | grep " µs " || fail sdprof $?
 fi
 if has moe; then stamp moe
-  timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench_moe.log"
+  timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 \
+    | tee "$OUT/bench_moe.log" || fail moe $?
 fi
 if has repro; then stamp repro
   IFS=',' read -ra GROUPS_ <<< "${REPRO_GROUPS:-bf16,nvfp4,nvfp4-averis}"
@@ -125,3 +131,4 @@ stamp done
 if [ "${PACK:-1}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
 fi
+exit "$FAILED"
