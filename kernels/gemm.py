@@ -165,8 +165,8 @@ def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cf
     num_k = cdiv(K, kw["BK"])
     # the interpreter of Triton 3.6 turns a runtime int into a 1-element array that `range` cannot take with
     # numpy >= 2.4; a constexpr-wrapped value passes through as a plain int there
-    _gemm_kernel[grid](*args, tl.constexpr(num_k) if interpreting() else num_k, EVEN_K=K % kw["BK"] == 0, DOT_F32=dot_f32, **kw,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    _gemm_kernel[grid](*args, tl.constexpr(num_k) if interpreting() else num_k, EVEN_K=K % kw["BK"] == 0,
+                       DOT_F32=dot_f32, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
 
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-#: (dtype, trailing shape, counts, unique count, device) of a batched problem: one graph per distinct signature
+#: (slot, dtype, trailing shape, counts, unique count, device) of a batched problem: one graph per signature
 Signature = tuple
 
 
