@@ -142,12 +142,13 @@ def grouped_expert_mlp(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     counts = torch.zeros(e + 1, dtype=torch.int32, device=hidden.device).scatter_add_(
         0, expert.clamp(max=e).int(), torch.ones_like(expert, dtype=torch.int32))
     offsets = torch.cumsum(counts[:e], 0, dtype=torch.int32)
-    # rows past offsets[-1] (other ranks' assignments) are not written by grouped_mm: zero their input (and so its
-    # gradient) and their output
+    # rows past offsets[-1] (other ranks' assignments) are not written by grouped_mm (uninitialized memory): zero
+    # their input (and so its gradient) and their output before it meets the routing weight (0 · NaN is NaN, also in
+    # the weight's gradient)
     x = hidden.index_select(0, order // k).to(dtype).masked_fill(~valid, 0)
     gate, up = torch.nn.functional.grouped_mm(x, gate_up.to(dtype).transpose(-1, -2), offs=offsets).chunk(2, -1)
     y = torch.nn.functional.grouped_mm(act_fn(gate) * up, down.to(dtype).transpose(-1, -2), offs=offsets)
-    y = torch.where(valid, y * top_k_weights.reshape(-1)[order, None].to(y.dtype), 0)
+    y = torch.where(valid, y, 0) * top_k_weights.reshape(-1)[order, None].to(y.dtype)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
     return y.index_select(0, inverse).view(t, k, -1).sum(1).to(hidden.dtype)
 
