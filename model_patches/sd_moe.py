@@ -189,25 +189,61 @@ def _project_modules(mods: list["SDMoEExperts"]) -> None:
 #: Default "gesvda": one batched call for the (tall) W_c stack, accurate for the leading singular triplets the refresh
 #: keeps; measured on an H200 (scripts/bench_sd_refresh.py, 12 matrices 512×256) 9.1 ms per refresh vs 82.6 ms for
 #: PyTorch's own choice ("torch": gesvdj, looped over the batch) and 246 ms for "gesvd", subspaces within 1e-8 of an
-#: FP64 SVD. Ignored on CPU (LAPACK).
-SVD_DRIVERS = ("gesvda", "gesvd", "gesvdj", "torch")
+#: FP64 SVD. Ignored on CPU (LAPACK). "subspace" (any device, opt-in until measured on a GPU): `subspace_svd`, a
+#: few batched GEMMs and QRs warm-started from the previous bases instead of gesvda's ~1500 launches per refresh.
+SVD_DRIVERS = ("gesvda", "gesvd", "gesvdj", "torch", "subspace")
 DEFAULT_SVD_DRIVER = "gesvda"
 
 
 def svd_driver(device: torch.device) -> str | None:
-    """The `torch.linalg.svd` driver of the refresh on `device` (None: PyTorch's choice); raises on an unknown
-    `HF_LOWBIT_SD_SVD_DRIVER`, naming the allowed values."""
+    """The `torch.linalg.svd` driver of the refresh on `device` (None: PyTorch's choice), or "subspace"; raises on
+    an unknown `HF_LOWBIT_SD_SVD_DRIVER`, naming the allowed values."""
     name = os.environ.get("HF_LOWBIT_SD_SVD_DRIVER") or DEFAULT_SVD_DRIVER
     if name not in SVD_DRIVERS:
         raise ValueError(f"HF_LOWBIT_SD_SVD_DRIVER={name!r} is not supported; allowed: {list(SVD_DRIVERS)}")
+    if name == "subspace":
+        return name
     return name if device.type == "cuda" and name != "torch" else None
 
 
-def _stack_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+#: subspace_svd: extra columns beyond k, and power iterations. With the previous bases as the start, the error of
+#: the top-k subspace shrinks like (s_(l+1)/s_k)^(2·iters+1), l = k + oversampling (ALGORITHMS.md §3 refreshes a
+#: W_c that moved for only `refresh_every` optimizer steps since the last SVD). Measured on CPU (4 matrices 96×64,
+#: rank-8 signal + noise; projector error vs FP64): 3 iterations 6e-7 warm / 8e-6 cold (a full FP32 SVD: 3e-7),
+#: 2 iterations 1e-5 / 2e-4. Without a spectral gap after k the top-k subspace is ill-defined and no start helps.
+SUBSPACE_OVERSAMPLE = 8
+SUBSPACE_ITERS = 3
+
+
+def subspace_svd(w: torch.Tensor, v0: torch.Tensor, iters: int = SUBSPACE_ITERS,
+                 oversample: int = SUBSPACE_OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular triplets of tall FP32 matrices ``w [N, m, n]`` by block power iteration from ``v0 [N, n, k]``
+    (the previous right bases; zeros are allowed) plus `oversample` fixed random columns, then Rayleigh-Ritz:
+    returns ``u [N, m, l]``, ``s [N, l]``, ``vh [N, l, n]`` for l = min(n, k + oversample), like a reduced SVD
+    truncated to l. Falls back to the full SVD when l reaches n."""
+    n_mat, _, n = w.shape
+    cols = min(n, v0.shape[-1] + oversample)
+    if cols >= n:
+        return torch.linalg.svd(w, full_matrices=False)
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    extra = torch.randn(n_mat, n, cols - v0.shape[-1], generator=gen, device=w.device, dtype=w.dtype)
+    omega = torch.cat([v0.to(w.dtype), extra], -1)
+    for _ in range(iters):
+        q = torch.linalg.qr(torch.bmm(w, omega)).Q
+        omega = torch.linalg.qr(torch.bmm(w.mT, q)).Q
+    q = torch.linalg.qr(torch.bmm(w, omega)).Q                    # [N, m, l]: the range of W on the subspace
+    ub, s, vh = torch.linalg.svd(torch.bmm(q.mT, w), full_matrices=False)  # small [N, l, n] problem
+    return torch.bmm(q, ub), s, vh
+
+
+def _stack_svd(w: torch.Tensor, v0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reduced SVD of a stack of tall FP32 matrices with the refresh driver; where an approximate driver returns
     non-finite factors for finite input (gesvda divides by the singular values: a zero W_c) or fails to converge,
-    PyTorch's default driver recomputes the stack. The check costs one host sync per refresh."""
+    PyTorch's default driver recomputes the stack. The check costs one host sync per refresh. ``v0``: the previous
+    right bases, the start of the "subspace" driver."""
     driver = svd_driver(w.device)
+    if driver == "subspace":
+        return subspace_svd(w, v0) if v0 is not None else torch.linalg.svd(w, full_matrices=False)
     try:
         u, s, vh = torch.linalg.svd(w, full_matrices=False, driver=driver)
     except torch.linalg.LinAlgError:
@@ -235,8 +271,10 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
                  for j, mod in enumerate(group) for m in SD_MATRICES}
         w = torch.stack([whole[j, m].mT if flip[m] else whole[j, m]
                          for j in range(len(group)) for m in SD_MATRICES])             # [3M, max(I,H), min(I,H)]
-        u, s, vh = _stack_svd(w)
         k = max(mod.rank for mod in group)
+        previous = torch.stack([_pad_cols(mod.bases(m)[0 if flip[m] else 1], k)  # right bases of the tall view
+                                for mod in group for m in SD_MATRICES]).to(w.device)
+        u, s, vh = _stack_svd(w, previous)
         uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
         s = s[..., :k].contiguous()
         if any(mod.is_sharded() for mod in group):
@@ -258,6 +296,11 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
                         wc.copy_(low.to(wc.dtype))
                 mod._set_bases(m, bu, bv)
             mod.refreshes += 1
+
+
+def _pad_cols(b: torch.Tensor, k: int) -> torch.Tensor:
+    """A basis [rows, r] padded with zero columns to [rows, k]."""
+    return b if b.shape[-1] == k else torch.cat([b, b.new_zeros(b.shape[0], k - b.shape[-1])], -1)
 
 
 def _top_k(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--check", type=int, default=2, help="modules whose subspaces are compared with an FP64 SVD")
     p.add_argument("--drivers", default=",".join(SVD_DRIVERS),
-                   help=f"comma list of {list(SVD_DRIVERS)} (CUDA; the CPU always uses LAPACK)")
+                   help=f"comma list of {list(SVD_DRIVERS)} (CUDA; the CPU runs LAPACK and 'subspace')")
     p.add_argument("--shapes", default=None, help="comma list of shape indices into SHAPES (default: all)")
     p.add_argument("--out", type=Path, required=True, help="JSON results; must not exist")
     args = p.parse_args(argv)
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.out.exists():
         p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    if device.type != "cuda":
-        drivers = ["lapack"]  # the drivers are cuSOLVER's; the CPU ignores the setting
+    if device.type != "cuda":  # cuSOLVER's drivers do not apply on the CPU: LAPACK, plus "subspace" if asked
+        drivers = ["lapack"] + [d for d in drivers if d == "subspace"]
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "rank": args.rank, "noise": args.noise, "reps": args.reps}
 

@@ -434,3 +434,57 @@ def test_graphed_rule_equals_eager_rule_across_refreshes(monkeypatch, dtype):
                     b.common(m).add_(delta)
         refresh_bases(model)
         refresh_bases(eager)
+
+
+def _projector_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ a.mT - b @ b.mT).abs().max())
+
+
+def test_subspace_svd_finds_the_top_k_subspaces():
+    """The opt-in "subspace" refresh (block power iteration + Rayleigh-Ritz): on rank-k-plus-noise matrices (a W_c
+    after training from a preserve init) its top-k subspaces equal an FP64 SVD's, warm-started from slightly moved
+    bases or cold (zero start); an exactly rank-k and a zero matrix give finite, orthonormal bases."""
+    from hf_lowbit.model_patches.sd_moe import subspace_svd
+
+    gen = torch.Generator().manual_seed(0)
+    n_mat, m, n, k = 4, 96, 64, 8
+    u = torch.linalg.qr(torch.randn(n_mat, m, k, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n_mat, n, k, generator=gen)).Q
+    signal = (u * torch.linspace(2.0, 1.0, k)) @ v.mT
+    w = signal + 0.3 * torch.randn(n_mat, m, n, generator=gen) / (m ** 0.5 + n ** 0.5)
+    ref_u, _, ref_vh = torch.linalg.svd(w.double(), full_matrices=False)
+    ref_u, ref_v = ref_u[..., :k], ref_vh[..., :k, :].mT
+    moved = torch.linalg.qr(ref_v.float() + 0.05 * torch.randn(n_mat, n, k, generator=gen)).Q
+    for start, tol in ((moved, 1e-5), (torch.zeros(n_mat, n, k), 1e-4)):  # FP32; a full FP32 SVD: ~3e-7
+        bu, s, bvh = subspace_svd(w, start)
+        assert bu.shape == (n_mat, m, 2 * k) and s.shape == (n_mat, 2 * k) and bvh.shape == (n_mat, 2 * k, n)
+        assert _projector_error(bu[..., :k].double(), ref_u) < tol
+        assert _projector_error(bvh[..., :k, :].mT.double(), ref_v) < tol
+        torch.testing.assert_close(s[..., :k], torch.linalg.svdvals(w)[..., :k], rtol=1e-5, atol=1e-6)
+    for exact in (signal, torch.zeros_like(signal)):
+        bu, s, bvh = subspace_svd(exact, moved)
+        basis = bvh[..., :k, :].mT
+        assert torch.isfinite(bu).all() and torch.isfinite(basis).all()
+        torch.testing.assert_close(basis.mT @ basis, torch.eye(k).expand(n_mat, k, k), rtol=0, atol=1e-5)
+    assert _projector_error(subspace_svd(signal, moved)[2][..., :k, :].mT.double(), v.double()) < 1e-5
+
+
+def test_refresh_with_the_subspace_driver_matches_the_default(monkeypatch):
+    """HF_LOWBIT_SD_SVD_DRIVER=subspace: refreshing a trained-looking SD-MoE model gives the same bases (projectors)
+    as the default driver; its warm start is the previous bases."""
+    model = stock("qwen3_moe")
+    apply_sd_moe(model, rank=4, init="project")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, mod in sd_modules(model):
+            for m in SD_MATRICES:
+                wc = mod.common(m)
+                wc.add_(0.01 * wc.abs().max() * torch.randn(wc.shape, generator=gen))
+    reference = copy.deepcopy(model)
+    refresh_bases(reference)
+    monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", "subspace")
+    refresh_bases(model)
+    for (_, a), (_, b) in zip(sd_modules(model), sd_modules(reference)):
+        for m in SD_MATRICES:
+            for x, y in zip(a.bases(m), b.bases(m)):
+                assert _projector_error(x, y) < 1e-5
