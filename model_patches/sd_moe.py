@@ -272,8 +272,10 @@ def _refresh_modules(mods: list["SDMoEExperts"], fold_residual: bool | None = No
         w = torch.stack([whole[j, m].mT if flip[m] else whole[j, m]
                          for j in range(len(group)) for m in SD_MATRICES])             # [3M, max(I,H), min(I,H)]
         k = max(mod.rank for mod in group)
-        previous = torch.stack([_pad_cols(mod.bases(m)[0 if flip[m] else 1], k)  # right bases of the tall view
-                                for mod in group for m in SD_MATRICES]).to(w.device)
+        previous = None
+        if svd_driver(w.device) == "subspace":  # its start: the right bases of the tall view
+            previous = torch.stack([_pad_cols(mod.bases(m)[0 if flip[m] else 1], k)
+                                    for mod in group for m in SD_MATRICES]).to(w.device)
         u, s, vh = _stack_svd(w, previous)
         uk, vk = u[..., :k].contiguous(), vh[..., :k, :].mT.contiguous()  # two copies; bases are views of these
         s = s[..., :k].contiguous()
