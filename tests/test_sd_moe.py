@@ -300,14 +300,23 @@ def test_batched_model_projection_equals_per_module(monkeypatch, dtype):
                                   atol=2 * ulp * float(raw[name].abs().max()), rtol=0)
 
 
-def test_batched_refresh_matches_per_matrix_svd():
+def _sd_model_with_moved_wc(seed: int, relative: float | None = None):
+    """The tiny Qwen3-MoE with SD-MoE ("project" init, rank 4) whose every W_c got Gaussian noise: std 1, or
+    `relative` × max|W_c| (a W_c after some training)."""
     model = stock("qwen3_moe")
     apply_sd_moe(model, rank=4, init="project")
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, mod in sd_modules(model):
             for m in SD_MATRICES:
-                mod.common(m).add_(torch.randn(mod.common(m).shape, generator=g))
+                wc = mod.common(m)
+                scale = 1.0 if relative is None else relative * float(wc.abs().max())
+                wc.add_(scale * torch.randn(wc.shape, generator=g))
+    return model
+
+
+def test_batched_refresh_matches_per_matrix_svd():
+    model = _sd_model_with_moved_wc(2)
     refresh_bases(model)
     for _, mod in sd_modules(model):
         assert mod.refreshes == 1
@@ -472,14 +481,7 @@ def test_subspace_svd_finds_the_top_k_subspaces():
 def test_refresh_with_the_subspace_driver_matches_the_default(monkeypatch):
     """HF_LOWBIT_SD_SVD_DRIVER=subspace: refreshing a trained-looking SD-MoE model gives the same bases (projectors)
     as the default driver; its warm start is the previous bases."""
-    model = stock("qwen3_moe")
-    apply_sd_moe(model, rank=4, init="project")
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, mod in sd_modules(model):
-            for m in SD_MATRICES:
-                wc = mod.common(m)
-                wc.add_(0.01 * wc.abs().max() * torch.randn(wc.shape, generator=gen))
+    model = _sd_model_with_moved_wc(3, relative=0.01)
     reference = copy.deepcopy(model)
     refresh_bases(reference)
     monkeypatch.setenv("HF_LOWBIT_SD_SVD_DRIVER", "subspace")
