@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def require_min_ints(parser: argparse.ArgumentParser, checks: list[tuple[str, int | None, int]]) -> None:
@@ -12,6 +13,23 @@ def require_min_ints(parser: argparse.ArgumentParser, checks: list[tuple[str, in
     for flag, value, low in checks:
         if value is not None and value < low:
             parser.error(f"{flag}={value} is not valid; allowed: an integer >= {low}")
+
+
+def require_new_path(parser: argparse.ArgumentParser, flag: str, path) -> None:
+    """`parser.error` when the output `path` of `flag` (None: not given) already exists: nothing is overwritten."""
+    if path is not None and Path(path).exists():
+        parser.error(f"{flag}={str(path)!r} exists; allowed: a new path (nothing was changed)")
+
+
+def add_linear_shape_args(parser: argparse.ArgumentParser, m: int, k: int, n: int, iters: int) -> None:
+    """``--m --k --n`` (one linear layer: tokens, in, out features) and ``--iters`` of the profiling scripts."""
+    for flag, default in (("--m", m), ("--k", k), ("--n", n), ("--iters", iters)):
+        parser.add_argument(flag, type=int, default=default)
+
+
+def linear_shape_checks(args: argparse.Namespace) -> list[tuple[str, int | None, int]]:
+    """The `require_min_ints` checks of `add_linear_shape_args` (K: at least one 16-wide block)."""
+    return [("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1)]
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -125,7 +125,7 @@ def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def grouped_mm_supported(hidden_dim: int, intermediate_dim: int, dtype: torch.dtype) -> bool:
     """Whether `grouped_mm` takes these expert shapes: every operand's row stride a multiple of 16 bytes."""
-    per_16 = 16 // torch.empty((), dtype=dtype).element_size()
+    per_16 = 16 // dtype.itemsize
     return hasattr(torch.nn.functional, "grouped_mm") and hidden_dim % per_16 == 0 and intermediate_dim % per_16 == 0
 
 
@@ -270,7 +270,7 @@ class LowBitExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.recipe is None and self.uses_grouped_mm(hidden_states):
+        if self.uses_grouped_mm(hidden_states):
             gate_up, down = self.expert_weights()
             return grouped_expert_mlp(hidden_states, top_k_index, top_k_weights, gate_up, down, self.act_fn)
         routing = Routing.from_top_k(top_k_index, self.num_experts)

@@ -617,10 +617,11 @@ def fold_sd_moe(model: nn.Module) -> list[str]:
 def _project_all(mods: list[SDMoEExperts]) -> None:
     """The gradient rule for `mods`: same-shape modules together, two batched problems (gate/up, down) per
     `GROUP_NUMEL` batch; FSDP2-sharded modules one by one (see `sd_sharded`)."""
+    sharded = {mod: mod.is_sharded() for mod in mods}
     for mod in mods:
-        if mod.is_sharded():
+        if sharded[mod]:
             mod.project_gradients()
-    for batch in _batches([mod for mod in mods if not mod.is_sharded()]):
+    for batch in _batches([mod for mod in mods if not sharded[mod]]):
         if len(batch) > 1:
             _project_modules(batch)
         else:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hf_lowbit.cli import require_min_ints
+from hf_lowbit.cli import require_min_ints, require_new_path
 
 VARIANTS = {"loramoe": {"num_heads": 1, "r": 9}, "mhmoe": {"num_heads": 8, "r": 2}}
 TARGET_RATIO = 1.05
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     require_min_ints(parser, [("--rounds", args.rounds, 1), ("--steps-per-round", args.steps_per_round, 1),
                               ("--warmup", args.warmup, 0), ("--batch", args.batch, 1), ("--seq", args.seq, 1)])
-    if args.out.exists():
-        parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_new_path(parser, "--out", args.out)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

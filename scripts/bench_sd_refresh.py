@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lowbit.cli import require_min_ints
+from hf_lowbit.cli import require_min_ints, require_new_path
 from hf_lowbit.model_patches.sd_moe import DEFAULT_SVD_DRIVER, SVD_DRIVERS
 
 #: (name, MoE layers, hidden, expert intermediate)
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             shapes = [shapes[int(i)] for i in args.shapes.split(",")]
         except (ValueError, IndexError):
             p.error(f"--shapes={args.shapes!r} is not valid; allowed: a comma list of indices 0..{len(shapes) - 1}")
-    if args.out.exists():
-        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_new_path(p, "--out", args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if device.type != "cuda":  # cuSOLVER's drivers do not apply on the CPU: LAPACK, plus "subspace" if asked
         drivers = ["lapack"] + [d for d in drivers if d == "subspace"]

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_moe  # noqa: E402  (same problem definition as the benchmark)
+from hf_lowbit.cli import require_min_ints, require_new_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,11 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    for flag, value in (("--tokens", args.tokens), ("--rows", args.rows)):
-        if value < 1:
-            parser.error(f"{flag}={value} is not valid; allowed: an integer >= 1")
-    if args.out is not None and args.out.exists():
-        parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_min_ints(parser, [("--tokens", args.tokens, 1), ("--rows", args.rows, 1)])
+    require_new_path(parser, "--out", args.out)
 
     import hf_lowbit
 

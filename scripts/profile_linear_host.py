@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from hf_lowbit.cli import require_min_ints
+from hf_lowbit.cli import add_linear_shape_args, linear_shape_checks, require_min_ints, require_new_path
 
 
 def host_and_device_us(fn: Callable[[], Any], iters: int) -> tuple[float, float]:
@@ -152,17 +152,12 @@ def pieces(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", type=int, default=8192)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--n", type=int, default=3072)
-    p.add_argument("--iters", type=int, default=100)
+    add_linear_shape_args(p, m=8192, k=1024, n=3072, iters=100)
     p.add_argument("--host-rows", type=int, default=30, help="cProfile rows of the FP4 fwd+bwd loop (0: off)")
     p.add_argument("--out", type=Path, help="write the results as JSON; must not exist")
     args = p.parse_args(argv)
-    require_min_ints(p, [("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
-                         ("--host-rows", args.host_rows, 0)])
-    if args.out is not None and args.out.exists():
-        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_min_ints(p, linear_shape_checks(args) + [("--host-rows", args.host_rows, 0)])
+    require_new_path(p, "--out", args.out)
     if not torch.cuda.is_available():
         p.error("no CUDA device: this script measures GPU launch overhead; allowed: a machine with a CUDA GPU")
     rows = []

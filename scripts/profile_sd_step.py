@@ -85,7 +85,7 @@ def pieces(precision: str, device: torch.device, shape: bench_moe.LMShape,
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from hf_lowbit.cli import require_min_ints
+    from hf_lowbit.cli import require_min_ints, require_new_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         parser.error(f"--precisions={args.precisions!r} is not valid; allowed: a comma list of {list(PRECISIONS)}")
-    if args.out is not None and args.out.exists():
-        parser.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_new_path(parser, "--out", args.out)
     if not torch.cuda.is_available():
         parser.error("profile_sd_step.py needs a CUDA GPU (host vs device time); none is available")
 

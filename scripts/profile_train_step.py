@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hf_lowbit.cli import require_min_ints
+from hf_lowbit.cli import require_min_ints, require_new_path
 
 
 class _VocabOnly:
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     require_min_ints(p, [("--batch", args.batch, 1), ("--seq", args.seq, 1), ("--steps", args.steps, 1),
                          ("--vocab", args.vocab, 1), ("--warmup", args.warmup, 0), ("--rows", args.rows, 1),
                          ("--host-rows", args.host_rows, 0)])
-    if args.out is not None and args.out.exists():
-        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_new_path(p, "--out", args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for precision in precisions:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from hf_lowbit.cli import require_min_ints
+from hf_lowbit.cli import add_linear_shape_args, linear_shape_checks, require_min_ints, require_new_path
 
 
 class _Recorder:
@@ -120,17 +120,12 @@ def measure(m: int, k: int, n: int, iters: int, rows: int = 0) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", type=int, default=256)
-    p.add_argument("--k", type=int, default=128)
-    p.add_argument("--n", type=int, default=384)
-    p.add_argument("--iters", type=int, default=300)
+    add_linear_shape_args(p, m=256, k=128, n=384, iters=300)
     p.add_argument("--rows", type=int, default=0, help="cProfile rows (0: none)")
     p.add_argument("--out", type=Path, help="write the result as JSON; must not exist")
     args = p.parse_args(argv)
-    require_min_ints(p, [("--m", args.m, 1), ("--k", args.k, 16), ("--n", args.n, 1), ("--iters", args.iters, 1),
-                         ("--rows", args.rows, 0)])
-    if args.out is not None and args.out.exists():
-        p.error(f"--out={str(args.out)!r} exists; allowed: a new path (nothing was changed)")
+    require_min_ints(p, linear_shape_checks(args) + [("--rows", args.rows, 0)])
+    require_new_path(p, "--out", args.out)
     result = measure(args.m, args.k, args.n, args.iters, args.rows)
     print(f"wrapper host time per FP4 linear (stubbed kernels, CPU): fwd {result['fwd_us']:.1f} us, "
           f"bwd {result['bwd_us']:.1f} us, fwd+bwd {result['fwd_bwd_us']:.1f} us (10th percentile "
