@@ -19,8 +19,12 @@ Signature = tuple
 
 
 def graphs_enabled(device: torch.device) -> bool:
-    """Whether the rule is replayed as a CUDA graph on `device` (CUDA, unless ``HF_LOWBIT_SD_GRAPH=0``)."""
-    return device.type == "cuda" and os.environ.get("HF_LOWBIT_SD_GRAPH", "1") != "0"
+    """Whether the rule is replayed as a CUDA graph on `device` (CUDA, unless ``HF_LOWBIT_SD_GRAPH=0``); raises on
+    another value of the switch, naming the allowed ones."""
+    value = os.environ.get("HF_LOWBIT_SD_GRAPH", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"HF_LOWBIT_SD_GRAPH={value!r} is not supported; allowed: ['0', '1'] (0: eager ops)")
+    return device.type == "cuda" and value == "1"
 
 
 class GraphedRule:

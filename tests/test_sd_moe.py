@@ -490,3 +490,18 @@ def test_refresh_with_the_subspace_driver_matches_the_default(monkeypatch):
         for m in SD_MATRICES:
             for x, y in zip(a.bases(m), b.bases(m)):
                 assert _projector_error(x, y) < 1e-5
+
+
+def test_graph_switch_values(monkeypatch):
+    """HF_LOWBIT_SD_GRAPH: 1 (default) replays the rule as a CUDA graph on CUDA only, 0 runs the eager ops, anything
+    else is refused by name (checked before the batched rule writes any gradient)."""
+    from hf_lowbit.model_patches.sd_graph import graphs_enabled
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("HF_LOWBIT_SD_GRAPH", raising=False)
+    assert graphs_enabled(cuda) and not graphs_enabled(cpu)
+    monkeypatch.setenv("HF_LOWBIT_SD_GRAPH", "0")
+    assert not graphs_enabled(cuda)
+    monkeypatch.setenv("HF_LOWBIT_SD_GRAPH", "off")
+    with pytest.raises(ValueError, match=r"HF_LOWBIT_SD_GRAPH='off' is not supported; allowed: \['0', '1'\]"):
+        graphs_enabled(cuda)
