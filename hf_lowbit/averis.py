@@ -78,31 +78,41 @@ def center(z: torch.Tensor, enabled: bool, mask: torch.Tensor | None, counts: to
 # Random Hadamard transform over tokens (wgrad operands)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _hadamard16(device: torch.device) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < 16:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / 4.0).to(device)
+HADAMARD_BLOCK = 16
+
+
+def hadamard_sign_bits(seed: int) -> int:
+    """The 16 random signs of the transform for `seed` as bits (bit i set: sign i is −1); the Triton kernels take
+    this integer, the reference its `hadamard_signs` tensor, so both draw the same signs on every device."""
+    return mix_seed(seed, 0x4AD) & 0xFFFF
 
 
 def hadamard_signs(seed: int) -> torch.Tensor:
-    """16 random ±1 signs drawn on the CPU from `seed` (the same on every device)."""
-    g = torch.Generator().manual_seed(mix_seed(seed, 0x4AD))
-    return torch.randint(0, 2, (16,), generator=g).float() * 2 - 1
+    """16 random ±1 signs (FP32, CPU) drawn from `seed`."""
+    bits = hadamard_sign_bits(seed)
+    return torch.tensor([-1.0 if (bits >> i) & 1 else 1.0 for i in range(HADAMARD_BLOCK)])
 
 
 def hadamard_tokens(z: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Apply (H16·diag(signs)) to each group of 16 rows (dim -2) of `z`, rows zero-padded to a multiple of 16.
+    """Apply (H16·diag(signs))/4 to each group of 16 rows (dim -2) of `z`, rows zero-padded to a multiple of 16.
 
     The transform is orthogonal, so ``(T·D)ᵀ(T·X) = DᵀX``: applying it to both wgrad operands leaves the exact
-    product unchanged while spreading outliers across 16 tokens before quantization.
+    product unchanged while spreading outliers across 16 tokens before quantization. It is computed in a fixed
+    order that the Triton kernel repeats bit for bit: scale by ±1/4 (exact), then the four butterfly stages of the
+    fast Walsh-Hadamard transform (distance 1, 2, 4, 8; each (a, b) → (a + b, a − b)), Sylvester's natural order.
     """
-    pad = (-z.shape[-2]) % 16
+    pad = (-z.shape[-2]) % HADAMARD_BLOCK
     if pad:
         z = torch.nn.functional.pad(z, (0, 0, 0, pad))
-    t = _hadamard16(z.device) * signs.to(z.device)[None, :]
-    blocks = z.reshape(*z.shape[:-2], -1, 16, z.shape[-1])
-    return torch.einsum("ij,...bjc->...bic", t, blocks).reshape(z.shape)
+    lead, rows, cols = z.shape[:-2], z.shape[-2], z.shape[-1]
+    nb = rows // HADAMARD_BLOCK
+    t = z.reshape(*lead, nb, HADAMARD_BLOCK, cols) * (signs.to(z.device, z.dtype) * 0.25)[:, None]
+    h = 1
+    while h < HADAMARD_BLOCK:
+        a, b = t.reshape(*lead, nb, HADAMARD_BLOCK // (2 * h), 2, h, cols).unbind(-3)
+        t = torch.stack((a + b, a - b), dim=-3)
+        h *= 2
+    return t.reshape(z.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -103,12 +103,10 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
 def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes=None, formats=("nvfp4", "mxfp4"),
               reference: bool = True, print_table: bool = True, sweep: bool = False, skip_gemm: bool = False) -> dict:
     import torch
-    import torch.nn.functional as F
 
-    from hf_lowbit.averis import packed_linear
     from hf_lowbit.config import Recipe
     from hf_lowbit.kernels.gemm import cublas_epilogue, scaled_gemm
-    from hf_lowbit.kernels.gemv import w4a16_linear
+    from hf_lowbit.kernels.hadamard import hadamard_col_quantize
     from hf_lowbit.kernels.quantize import averis_quantize
     from hf_lowbit.layers import LowBitLinear
     from hf_lowbit.numerics import quantize
@@ -167,6 +165,11 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                 ms = _bench(fn)
                 add("P1", f"averis quantize {fmt} {rnd} {label}", ms, tbs=nbytes / ms / 1e9,
                     pct_copy=100 * nbytes / ms / 1e9 / copy_tbs, shape=f"{M}x{K}")
+        hbits = 0xA5C3
+        mu = x.float().mean(0)
+        ms = _bench(lambda: hadamard_col_quantize(x, mu, hbits, fmt))
+        add("P1", f"Hadamard wgrad operand {fmt} rtn (2 reads + BF16 dq)", ms,
+            tbs=M * K * 2 * 3 / ms / 1e9, shape=f"{M}x{K}")
         if reference:
             def ref():
                 xf = x.float()
@@ -178,21 +181,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
     del x
 
     # ---- P5: decode GEMV ---------------------------------------------------------------------------------------
-    for (N, K) in [(14336, 4096), (4096, 14336)]:
-        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-        for fmt in formats:
-            p = quantize(w.float(), fmt, 1)
-            for bsz in (1, 16):
-                xx = torch.randn(bsz, K, device=dev, dtype=torch.bfloat16)
-                ms_bf = _bench(lambda: F.linear(xx, w))
-                ms_q = _bench(lambda: w4a16_linear(xx, p))
-                wbytes = p.codes.numel() + p.scales.numel()
-                r = {"bf16_us": ms_bf * 1e3, "ratio_speedup": ms_bf / ms_q, "tbs": wbytes / ms_q / 1e9}
-                if reference and bsz == 1:
-                    rec = Recipe(format=fmt, activations="none")
-                    r["torch_ref_us"] = _bench(lambda: packed_linear(xx, p, None, rec), warmup=3, rep=50) * 1e3
-                add("P5", f"W4A16 decode {fmt} N={N} K={K} batch={bsz}", ms_q, **r)
-        del w
+    run_decode(add, formats, reference=reference, sweep=sweep)
 
     # ---- GEMM alone: fused Triton epilogue vs cuBLAS (+ epilogue pass) ------------------------------------------
     for (K, N) in [] if skip_gemm else shapes[:1] if quick else shapes:
@@ -223,8 +212,14 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
             layer(x).backward(dy)
 
         ms_bf = _bench(lambda: step(lin))
+        ms_bf_g = _bench_graph(lambda: step(lin))
         fl = 6 * m * K * N
-        add("P2", f"BF16 nn.Linear fwd+bwd M={m} K={K} N={N}", ms_bf, tflops=fl / ms_bf / 1e9)
+        add("P2", f"BF16 nn.Linear fwd+bwd M={m} K={K} N={N}", ms_bf, tflops=fl / ms_bf / 1e9, graph_ms=ms_bf_g)
+
+        def graphed(layer) -> dict:  # device time (CUDA-graph replay) beside the eager time
+            ms_g = _bench_graph(lambda: step(layer))
+            return {"graph_ms": ms_g, "ratio_bf16_graph": ms_g / ms_bf_g}
+
         for fmt in formats:
             layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format=fmt),
                                  backend="triton")
@@ -234,8 +229,17 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                 _setenv("HF_LOWBIT_GEMM", impl)
                 ms = _bench(lambda: step(layer))
                 add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} triton backend (gemm={impl}) "
-                    f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9)
+                    f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9,
+                    **(graphed(layer) if impl == "triton" else {}))
             _setenv("HF_LOWBIT_GEMM", "triton")
+            if fmt == "nvfp4":  # the random-Hadamard wgrad operands (kernels/hadamard.py): their extra cost
+                layer_h = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16,
+                                       recipe=Recipe(format=fmt, hadamard=True), backend="triton")
+                layer_h.weight.data.copy_(lin.weight.data)
+                ms = _bench(lambda: step(layer_h))
+                add("P2", f"LowBitLinear {fmt} + Hadamard wgrad operands K={K} N={N}", ms, ratio_bf16=ms / ms_bf,
+                    tflops=fl / ms / 1e9, **graphed(layer_h))
+                del layer_h
             if fmt == "mxfp4":  # P3 proper: the exact MXFP4-on-FP8 path (kernels/mx_fp8.py, opt-in)
                 _setenv("HF_LOWBIT_MX_FP8", "1")
                 try:
@@ -262,6 +266,63 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
 
     _write_json(res, out)
     return res
+
+
+def _bench_graph_rotating(fns, rounds: int = 4, warmup=10, rep=100) -> float:
+    """Median milliseconds per call of a CUDA graph that calls every fn of `fns` in turn, `rounds` times: device time
+    of small kernels without host launch overhead, each call on other operands (give enough of them to exceed L2,
+    as the layers of a decode step do: one weight read back-to-back would stay in L2)."""
+    return _bench_graph(lambda: [f() for _ in range(rounds) for f in fns], warmup=warmup, rep=rep) / (rounds * len(fns))
+
+
+def run_decode(add, formats=("nvfp4", "mxfp4"), reference: bool = True, sweep: bool = False,
+               shapes=((14336, 4096), (4096, 14336)), device: str = "cuda") -> None:
+    """P5: W4A16 decode vs BF16 F.linear, eager (with host launches) and as CUDA-graph device time over rotating
+    weight copies (> 120 MB per variant, beyond L2); batch 1 with the streaming and the FMA kernel; `sweep`: the
+    streaming kernel's configs (HF_LOWBIT_GEMV_CFG)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_lowbit.averis import packed_linear
+    from hf_lowbit.config import Recipe
+    from hf_lowbit.kernels.gemv import w4a16_linear
+    from hf_lowbit.numerics import quantize
+
+    dev = torch.device(device)
+    for (N, K) in shapes:
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) for _ in range(4)]  # 4 × 117 MB
+        for fmt in formats:
+            ps = [quantize(w.float(), fmt, 1) for w in ws * 2]  # 8 × ~33 MB
+            wbytes = ps[0].codes.numel() + ps[0].scales.numel()
+            for bsz in (1, 16):
+                xx = torch.randn(bsz, K, device=dev, dtype=torch.bfloat16)
+                ms_bf = _bench(lambda: F.linear(xx, ws[0]))
+                ms_bf_g = _bench_graph_rotating([lambda w=w: F.linear(xx, w) for w in ws])
+                kernels = ("stream", "fma") if bsz == 1 else ("default",)
+                for impl in kernels:
+                    _setenv("HF_LOWBIT_GEMV", impl if bsz == 1 else None)
+                    ms_q = _bench(lambda: w4a16_linear(xx, ps[0]))
+                    ms_g = _bench_graph_rotating([lambda p=p: w4a16_linear(xx, p) for p in ps])
+                    r = {"bf16_us": ms_bf * 1e3, "ratio_speedup": ms_bf / ms_q, "graph_us": ms_g * 1e3,
+                         "bf16_graph_us": ms_bf_g * 1e3, "ratio_speedup_graph": ms_bf_g / ms_g,
+                         "tbs_graph": wbytes / ms_g / 1e9, "bf16_tbs_graph": N * K * 2 / ms_bf_g / 1e9}
+                    if reference and bsz == 1 and impl == "stream":
+                        rec = Recipe(format=fmt, activations="none")
+                        r["torch_ref_us"] = _bench(lambda: packed_linear(xx, ps[0], None, rec), warmup=3, rep=50) * 1e3
+                    add("P5", f"W4A16 decode {fmt} N={N} K={K} batch={bsz} kernel={impl}", ms_q, **r)
+                _setenv("HF_LOWBIT_GEMV", None)
+                if sweep and bsz == 1:
+                    for cfg in ("32,256,4,0", "16,256,4,0", "64,256,4,0", "32,512,4,0", "32,128,4,0", "64,512,8,0",
+                                "32,256,8,0", "16,512,4,0", "32,256,4,1"):
+                        _setenv("HF_LOWBIT_GEMV_CFG", cfg)
+                        ms_g = _bench_graph_rotating([lambda p=p: w4a16_linear(xx, p) for p in ps])
+                        add("P5sweep", f"  stream {fmt} N={N} K={K} cfg={cfg} [graph]", ms_g,
+                            tbs_graph=wbytes / ms_g / 1e9, ratio_speedup_graph=ms_bf_g / ms_g)
+                    _setenv("HF_LOWBIT_GEMV_CFG", None)
+            del ps
+        del ws
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _bench_graph(fn, warmup=25, rep=200) -> float:
@@ -468,6 +529,25 @@ def run_short(out: str | None = None, m: int = 8192) -> dict:
     return res
 
 
+def run_only_decode(out: str | None = None, formats=("nvfp4", "mxfp4")) -> dict:
+    """`--decode`: the P5 rows and the streaming kernel's config sweep, nothing else."""
+    import torch
+
+    dev = torch.device("cuda")
+    rows: list[dict] = []
+    res = {"device": torch.cuda.get_device_name(dev), "versions": _versions(), "mode": "decode",
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+
+    def add(group, name, ms, **kw):
+        rows.append({"group": group, "name": name, "ms": ms, **kw})
+        extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+        print(f"{group:8s} {name:62s} {ms * 1e3:9.1f} us  {extra}", flush=True)
+
+    run_decode(add, formats, reference=False, sweep=True)
+    _write_json(res, out)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write the JSON here")
@@ -479,7 +559,11 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="nvfp4,mxfp4")
     ap.add_argument("--final", action="store_true", help="the short v2 run: eager and CUDA-graph timings")
     ap.add_argument("--short", action="store_true", help="defaults check: stats cfgs, quantizer/decode defaults, P2")
+    ap.add_argument("--decode", action="store_true", help="P5 only (decode GEMV), with the config sweep")
     a = ap.parse_args(argv)
+    if a.decode:
+        run_only_decode(a.out, formats=tuple(a.formats.split(",")))
+        return 0
     if a.short:
         run_short(a.out, m=a.m)
         return 0

@@ -1,15 +1,17 @@
 """The Triton backend: Averis W4A4G4 linear (fused quantizers + BF16 tensor-core GEMMs) and the W4A16 decode path.
 
 `TritonAverisLinear` computes what `hf_lowbit.averis.AverisLinearFunction` computes for
-``block_axis="reduction"``, ``weight_blocks="1d"``, no Hadamard (NVFP4 and MXFP4, RTN or SR), with FP32 arithmetic
-outside the quantizers:
+``block_axis="reduction"``, ``weight_blocks="1d"`` (NVFP4 and MXFP4, RTN or SR, with or without the random Hadamard
+rotation of the wgrad operands), with FP32 arithmetic outside the quantizers:
 
     fprop  Y  = s_x s_w · R̂_X Ŵ_rᵀ + (Q(μ_X)·Q(W)ᵀ + bias)              R̂, Ŵ: code × block scale, BF16 (exact)
     dgrad  dX = s_d s_w · R̂_D Ŵ_c  + Q(μ_D)·Q(W_c)
     wgrad  dW = s_d s_x · R̂_Dᵀ R̂_X + a ⊗ Q(μ_X) + Q(μ_D) ⊗ (b + l·Q(μ_X))     a = Q(R_D)ᵀ1, b = 1ᵀQ(R_X)
 
 Every operand is quantized along the reduction axis of the GEMM it feeds; the per-tensor scales and all rank-1
-terms are applied in the GEMM epilogue on the device. Differences from the reference: FP32 summation order inside
+terms are applied in the GEMM epilogue on the device. With ``hadamard=True`` the two wgrad operands are T·R_D and
+T·R_X (`kernels/hadamard.py`, each with its own tensor scale), 1 becomes the rotated ones-vector T·1 in a and b, and
+l = ‖T·1‖² stays the token count. Differences from the reference: FP32 summation order inside
 the GEMMs, and SR draws from Philox instead of torch's generator (same distribution, reproducible per seed).
 For backward it keeps the BF16 dequantized wgrad operand of X and the dgrad operand of W (same bytes as the X that
 nn.Linear keeps); the reference keeps packed codes.
@@ -25,16 +27,18 @@ from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import env_setting
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
+from hf_lowbit.kernels.hadamard import hadamard_col_quantize
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
 from hf_lowbit.kernels.mx_fp8 import mx_fp8_linear_train
 from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
+from hf_lowbit.averis import hadamard_sign_bits
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["TritonBackend", "TritonAverisLinear", "supports_recipe", "triton_linear_train"]
 
 
 def supports_recipe(recipe: Recipe) -> bool:
-    return (recipe.block_axis == "reduction" and not recipe.hadamard and recipe.weight_blocks == "1d"
+    return (recipe.block_axis == "reduction" and recipe.weight_blocks == "1d"
             and recipe.format in ("nvfp4", "mxfp4"))
 
 
@@ -50,10 +54,10 @@ class TritonAverisLinear(torch.autograd.Function):
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fmt = recipe.format
         gemm = _gemm_fn()
-        qx = averis_quantize(x2d, fmt, center=recipe.center_activations,
-                             rounding="sr" if recipe.sr_activations else "rtn", seed=seed31(seed, 11), row=True,
-                             row_packed=False, row_dq=True, col=need_wgrad, col_packed=False, col_dq=True,
-                             col_sum=True, mx_scale=recipe.mx_scale)
+        rounding_x = "sr" if recipe.sr_activations else "rtn"
+        qx = averis_quantize(x2d, fmt, center=recipe.center_activations, rounding=rounding_x, seed=seed31(seed, 11),
+                             row=True, row_packed=False, row_dq=True, col=need_wgrad and not recipe.hadamard,
+                             col_packed=False, col_dq=True, col_sum=True, mx_scale=recipe.mx_scale)
         qw = averis_quantize(weight, fmt, center=False, rounding="sr" if recipe.sr_weights else "rtn",
                              seed=seed31(seed, 12), row=True, row_packed=False, row_dq=True, col=need_dgrad,
                              col_packed=False, col_dq=True, mx_scale=recipe.mx_scale)
@@ -66,7 +70,11 @@ class TritonAverisLinear(torch.autograd.Function):
         y = gemm(qx.row_dq, qw.row_dq, x2d.dtype, ts_x, ts_w, vrow)
         ctx.recipe, ctx.seed, ctx.has_bias, ctx.n_tokens = recipe, seed, bias is not None, x2d.shape[0]
         ctx.w_dtype = weight.dtype
-        saved = [qx.col_dq, qx.col_sum, qx.mean_q, ts_x, qw.col_dq, ts_w]
+        x_col = (qx.col_dq, qx.col_sum, ts_x)
+        if need_wgrad and recipe.hadamard:
+            x_col = hadamard_col_quantize(x2d, qx.mean, hadamard_sign_bits(seed), fmt, rounding_x, seed31(seed, 14),
+                                          recipe.mx_scale)
+        saved = [*x_col, qx.mean_q, qw.col_dq, ts_w]
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
         return y
@@ -74,25 +82,30 @@ class TritonAverisLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         it = iter(ctx.saved_tensors)
-        xc, xsum, mu_x_q, ts_x, wc, ts_w = [next(it) if h else None for h in ctx.has]
+        xc, xsum, ts_x, mu_x_q, wc, ts_w = [next(it) if h else None for h in ctx.has]
         recipe = ctx.recipe
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gemm = _gemm_fn()
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        qd = averis_quantize(dy, recipe.format, center=recipe.center_gradients,
-                             rounding="sr" if recipe.sr_gradients else "rtn", seed=seed31(ctx.seed, 13),
-                             row=need_dgrad, row_packed=False, row_dq=True, col=need_wgrad, col_packed=False,
-                             col_dq=True, col_sum=True, mx_scale=recipe.mx_scale)
+        rounding_d = "sr" if recipe.sr_gradients else "rtn"
+        qd = averis_quantize(dy, recipe.format, center=recipe.center_gradients, rounding=rounding_d,
+                             seed=seed31(ctx.seed, 13), row=need_dgrad, row_packed=False, row_dq=True,
+                             col=need_wgrad and not recipe.hadamard, col_packed=False, col_dq=True, col_sum=True,
+                             mx_scale=recipe.mx_scale)
         ts_d = qd.tensor_scale
         mu_d_q = qd.mean_q
+        d_col, d_sum, ts_dc = qd.col_dq, qd.col_sum, ts_d
+        if need_wgrad and recipe.hadamard:
+            d_col, d_sum, ts_dc = hadamard_col_quantize(dy, qd.mean, hadamard_sign_bits(ctx.seed), recipe.format,
+                                                        rounding_d, seed31(ctx.seed, 15), recipe.mx_scale)
         dx = dw = db = None
         if need_dgrad:
             vrow = matvec(wc, mu_d_q, scale=ts_w, transpose=True) if mu_d_q is not None else None
             dx = gemm(qd.row_dq, wc.t(), dy.dtype, ts_d, ts_w, vrow)
         if need_wgrad:  # a = s_d·Q(R_D)ᵀ1, b = s_x·1ᵀQ(R_X) + n·Q(μ_X): formed in the GEMM epilogue
-            r1 = None if mu_x_q is None else (qd.col_sum, mu_x_q)
+            r1 = None if mu_x_q is None else (d_sum, mu_x_q)
             r2 = None if mu_d_q is None else (mu_d_q, xsum)
-            dw = gemm(qd.col_dq.t(), xc.t(), ctx.w_dtype, ts_d, ts_x, None, r1, r2, wgrad_tokens=ctx.n_tokens)
+            dw = gemm(d_col.t(), xc.t(), ctx.w_dtype, ts_dc, ts_x, None, r1, r2, wgrad_tokens=ctx.n_tokens)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(dy.dtype)
         return dx, dw, db, None, None
@@ -114,8 +127,8 @@ class TritonBackend(TorchBackend):
         if not supports_recipe(recipe) or x.shape[-1] == 0 or x.numel() == 0:
             return super().linear_train(x, weight, bias, recipe, seed)
         # MXFP4 on FP8 tensor cores (exact): opt-in until measured on a GPU (benchmarks/NOTES.md), HF_LOWBIT_MX_FP8=1
-        fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and env_setting("HF_LOWBIT_MX_FP8") == "1") \
-            else triton_linear_train
+        fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and not recipe.hadamard
+                                     and env_setting("HF_LOWBIT_MX_FP8") == "1") else triton_linear_train
         if torch.is_autocast_enabled(x.device.type):  # the op's arithmetic is FP32/BF16 by itself (as reference)
             with torch.autocast(x.device.type, enabled=False):
                 return fn(x, weight, bias, recipe, seed)

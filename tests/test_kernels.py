@@ -241,6 +241,28 @@ def test_w4a16_decode_matches_reference(fmt, tokens, dtype, round_w, monkeypatch
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_streaming_gemv_equals_the_fma_kernel_and_propagates_nan(fmt, monkeypatch):
+    """The 1-token streaming kernel (default) against the older FMA kernel (HF_LOWBIT_GEMV=fma) on a ragged K that
+    splits over several programs; a NaN activation reaches every output, as in the reference."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    n, k = (40, 328) if DEV == "cpu" else (3000, 4200)
+    p = quantize(torch.randn(n, k, generator=_gen(12)).to(DEV), fmt, 1)
+    x = torch.randn(1, k, generator=_gen(13)).to(DEV)
+    bias = torch.randn(n, generator=_gen(14)).to(DEV)
+    outs = []
+    for impl in ("stream", "fma"):
+        monkeypatch.setenv("HF_LOWBIT_GEMV", impl)
+        reload_env_settings()
+        outs.append(w4a16_linear(x, p, bias))
+    monkeypatch.delenv("HF_LOWBIT_GEMV")
+    reload_env_settings()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    x[0, k // 2] = float("nan")
+    assert w4a16_linear(x, p, bias).isnan().all()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("center_x,center_d", [(True, True), (False, False), (False, True), (True, False)])
 def test_linear_fwd_bwd_matches_reference(fmt, center_x, center_d):
     """Every combination of the wgrad epilogue's rank-1 terms (a ⊗ Q(μ_X) with centred activations, Q(μ_D) ⊗ b
@@ -340,13 +362,14 @@ def test_per_call_integers_are_not_specialized_on():
     wgrad, whose trip count NUM_K is a runtime argument, not a constexpr) must not be Triton specialization keys:
     each new value class would compile another kernel variant in the middle of training. Checked on the compiled
     (non-interpreter) kernel objects, in a subprocess without TRITON_INTERPRET."""
-    code = ("from hf_lowbit.kernels import quantize as q, gemm as g\n"
-            "for k in (q._quant_kernel, g._gemm_kernel):\n"
+    code = ("from hf_lowbit.kernels import quantize as q, gemm as g, hadamard as h\n"
+            "for k in (q._quant_kernel, g._gemm_kernel, h._hadamard_amax_kernel, h._hadamard_quant_kernel):\n"
             "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n"
             "print([p.is_constexpr for p in g._gemm_kernel.params if p.name == 'NUM_K'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_mean', 'seed_row']", "['M', 'NUM_K']", "[False]"]
+    assert out.splitlines() == ["['N_MT', 'seed_col', 'seed_mean', 'seed_row']", "['M', 'NUM_K']", "['bits']",
+                                "['bits', 'seed']", "[False]"]
 
 
 def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):

@@ -1,0 +1,152 @@
+"""Random-Hadamard wgrad operand: centre, rotate 16 tokens at a time, quantize along tokens, in registers.
+
+With ``LowBitConfig(hadamard=True)`` both weight-gradient operands are ``T·R`` (R = Z − 1·μ, T = H16·diag(signs)/4
+applied to each 16-token group, `hf_lowbit.averis.hadamard_tokens`) quantized in blocks along the token axis. Two
+launches per operand, each reading Z once, neither writing a full-precision copy:
+
+1. ``_hadamard_amax_kernel``: the global amax of T·R (NVFP4's tensor scale is taken from the rotated tensor, so it
+   needs its own pass; MXFP4 skips it).
+2. ``_hadamard_quant_kernel``: T·R again, its blocks of B tokens quantized (RTN or Philox SR), the exact BF16
+   ``code × block scale`` stored, and the per-column sums Σ_m t_m·q_m weighted by the rotated ones-vector t = T·1
+   (the wgrad rank-1 mean terms, `hf_lowbit.averis.wgrad`'s `ones`).
+
+The rotation is the reference's butterfly in the same order (±1/4 first, then distances 1, 2, 4, 8), so the BF16
+operand equals the reference's bit for bit under RTN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_lowbit.averis import HADAMARD_BLOCK
+from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
+                                       interpreting, round_e2m1)
+from hf_lowbit.kernels.quantize import _nv_codes, _nv_scales, _nv_tensor_scale, _fast
+from hf_lowbit.numerics import get_format
+
+__all__ = ["HadamardOperand", "hadamard_col_quantize"]
+
+
+@triton.jit
+def _butterfly(t, NB: tl.constexpr, G: tl.constexpr, H: tl.constexpr, C: tl.constexpr):
+    """One FWHT stage over axis 1 of t [NB, 16, C]: rows i and i + H (bit H of i clear) → (sum, difference)."""
+    a, b = tl.split(tl.permute(tl.reshape(t, [NB, G, 2, H, C]), (0, 1, 3, 4, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 4, 2, 3)), [NB, 16, C])
+
+
+@triton.jit
+def hadamard16(t, bits, NB: tl.constexpr, C: tl.constexpr):
+    """(H16·diag(signs))/4 applied along axis 1 of t [NB, 16, C] (sign i is −1 where bit i of `bits` is set)."""
+    i = tl.arange(0, 16)
+    t = t * tl.where(((bits >> i) & 1) != 0, -0.25, 0.25)[None, :, None]
+    t = _butterfly(t, NB, 8, 1, C)
+    t = _butterfly(t, NB, 4, 2, C)
+    t = _butterfly(t, NB, 2, 4, C)
+    return _butterfly(t, NB, 1, 8, C)
+
+
+@triton.jit
+def _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER: tl.constexpr, BM: tl.constexpr,
+                  BK: tl.constexpr):
+    """T·(Z − 1·μ) of this program's [BM, BK] tile (rows ≥ M are the zero padding), FP32, with its row and
+    column indices."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    cmask = cols < K
+    mask = (rows < M)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
+    if CENTER:
+        x = tl.where(mask, x - tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, :], 0.0)
+    t = hadamard16(tl.reshape(x, [BM // 16, 16, BK]), bits, BM // 16, BK)
+    return tl.reshape(t, [BM, BK]), rows, cols
+
+
+@triton.jit(do_not_specialize=["bits"])
+def _hadamard_amax_kernel(x_ptr, sxm, sxk, M, K, mean_ptr, bits, amax_ptr, CENTER: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr):
+    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER, BM, BK)
+    a = tl.where(t != t, float("inf"), tl.abs(t))  # NaN counts as +inf: a non-finite tensor scale, as reference
+    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True))
+
+
+@triton.jit(do_not_specialize=["bits", "seed"])
+def _hadamard_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, bits, amax_ptr, dq_ptr, csum_ptr, seed, ts_out_ptr,
+                           BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
+                           CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr):
+    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER, BM, BK)
+    NBQ: tl.constexpr = BM // B
+    tq = tl.reshape(t, [NBQ, B, BK])
+    amax_b = tl.max(tl.where(tq != tq, float("inf"), tl.abs(tq)), axis=1)
+    if SR:
+        rnd = tl.reshape(tl.rand(seed, rows[:, None] * K + cols[None, :]), [NBQ, B, BK])
+    else:
+        rnd = 0.0
+    if IS_NV:
+        ts = _nv_tensor_scale(amax_ptr)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(ts_out_ptr, ts)
+        sbf, sbyte, den, y, bad = _nv_scales(amax_b, ts)
+        codes = _nv_codes(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, rnd, FAST)
+    else:
+        sbyte = e8m0_from_amax(amax_b, MX_CEIL)
+        sbf = e8m0_scale(sbyte)
+        codes = round_e2m1(tq * e8m0_inv_scale(sbyte)[:, None, :], SR, rnd)
+    v = tl.reshape(e2m1_value(codes) * sbf[:, None, :], [BM, BK])
+    cmask = cols < K
+    tl.store(dq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16),
+             mask=(rows < MP)[:, None] & cmask[None, :])
+    # the rotated ones-vector of these rows (the same butterfly on the real-token indicator): rank-1 weights
+    ones = hadamard16(tl.reshape(tl.where(rows < M, 1.0, 0.0), [BM // 16, 16, 1]), bits, BM // 16, 1)
+    csum = tl.sum(tl.reshape(ones, [BM, 1]) * tl.where(cmask[None, :], v, 0.0), axis=0)
+    tl.store(csum_ptr + tl.program_id(0) * K + cols, csum, mask=cmask)
+
+
+class HadamardOperand(NamedTuple):
+    """The rotated wgrad operand of Z [M, K]: BF16 code × block scale [MP, K] (MP = M padded to the block; the rows
+    past M hold the rotation of the zero padding), Σ_m t_m·q_m per column [K] (FP32, no tensor scale), and the NVFP4
+    tensor scale of T·R (0-d; None for MXFP4)."""
+
+    dq: torch.Tensor
+    col_sum: torch.Tensor
+    tensor_scale: torch.Tensor | None
+
+
+def hadamard_col_quantize(x: torch.Tensor, mean: torch.Tensor | None, bits: int, format: str = "nvfp4",
+                          rounding: str = "rtn", seed: int = 0, mx_scale: str = "floor") -> HadamardOperand:
+    """Quantize T·(x − 1·μ) along tokens (`mean` None: no centring) for the weight-gradient GEMM, T the random
+    16-token Hadamard rotation whose signs are the 16 low bits of `bits` (`hf_lowbit.averis.hadamard_sign_bits`)."""
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"hadamard_col_quantize needs a non-empty 2-D tensor, got shape {tuple(x.shape)}")
+    if rounding not in ("rtn", "sr"):
+        raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
+    if mx_scale not in ("floor", "ceil"):
+        raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
+    fmt = get_format(format)
+    B = fmt.block_size
+    if B % HADAMARD_BLOCK:
+        raise ValueError(f"format={format!r} has blocks of {B}; the Hadamard operand needs a multiple of 16")
+    is_nv = fmt.scale_kind == "e4m3"
+    M, K = x.shape
+    MP = cdiv(M, B) * B
+    BM, BK, nw = (32, 32, 4) if interpreting() else (64, 64, 4)
+    BM = max(BM, B)
+    grid = (cdiv(MP, BM), cdiv(K, BK))
+    dev = x.device
+    dummy_f = dummy_tensors(dev)[2]
+    mean_arg = mean if mean is not None else dummy_f
+    center = mean is not None
+    amax = torch.zeros(1, device=dev, dtype=torch.int32)
+    if is_nv:
+        _hadamard_amax_kernel[grid](x, x.stride(0), x.stride(1), M, K, mean_arg, bits, amax, CENTER=center,
+                                    BM=BM, BK=BK, num_warps=nw)
+    dq = torch.empty((MP, K), device=dev, dtype=torch.bfloat16)
+    csum = torch.empty((grid[0], K), device=dev, dtype=torch.float32)
+    ts = torch.empty(1, device=dev, dtype=torch.float32)
+    _hadamard_quant_kernel[grid](x, x.stride(0), x.stride(1), M, K, MP, mean_arg, bits, amax, dq, csum, seed, ts,
+                                 BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=rounding == "sr",
+                                 MX_CEIL=mx_scale == "ceil", FAST=_fast(), num_warps=nw)
+    return HadamardOperand(dq, csum.sum(0), ts[0] if is_nv else None)

@@ -1,0 +1,148 @@
+"""The random-Hadamard wgrad operand kernels (`kernels/hadamard.py`) vs the reference rotation + quantizer, and the
+Triton linear with ``hadamard=True`` vs the reference Averis op. CPU under TRITON_INTERPRET=1, or a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import kernel_test_device
+
+DEV = kernel_test_device()
+triton = pytest.importorskip("triton")
+
+from hf_lowbit.averis import averis_linear, hadamard_sign_bits, hadamard_signs, hadamard_tokens  # noqa: E402
+from hf_lowbit.config import Recipe  # noqa: E402
+from hf_lowbit.kernels.hadamard import hadamard_col_quantize  # noqa: E402
+from hf_lowbit.kernels.linear import TritonBackend, supports_recipe, triton_linear_train  # noqa: E402
+from hf_lowbit.numerics import dequantize, quantize  # noqa: E402
+
+SHAPES = [(64, 64), (37, 50), (5, 33)] + ([(1000, 1536)] if DEV == "cuda" else [])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference(x: torch.Tensor, fmt: str, center: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized T·R along tokens, T·1, R's mean) by the reference: centre in FP32, rotate, quantize."""
+    xf = x.float()
+    mean = xf.mean(0) if center else None
+    r = xf - mean if center else xf
+    signs = hadamard_signs(seed)
+    ones = hadamard_tokens(torch.ones(x.shape[0], 1, device=x.device), signs)[:, 0]
+    return dequantize(quantize(hadamard_tokens(r, signs), fmt, axis=0)), ones, mean
+
+
+def _check_against_reference(x: torch.Tensor, fmt: str, center: bool, seed: int = 7) -> None:
+    ref, ones, mean = _reference(x, fmt, center, seed)
+    out = hadamard_col_quantize(x, mean, hadamard_sign_bits(seed), fmt)
+    ts = out.tensor_scale if out.tensor_scale is not None else torch.ones((), device=x.device)
+    rows = out.dq.shape[0]
+    assert rows % (16 if fmt == "nvfp4" else 32) == 0 and rows >= x.shape[0]
+    got = out.dq.float() * ts
+    padded = torch.nn.functional.pad(ref, (0, 0, 0, rows - ref.shape[0]))
+    assert torch.equal(got, padded), (got - padded).abs().max()
+    col_sum = (ones[:, None] * ref[:ones.shape[0]]).sum(0)  # FP32, another summation order than the kernel's
+    torch.testing.assert_close(out.col_sum * ts, col_sum, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_reference_rotation_is_the_scaled_sylvester_matrix_with_the_seeds_signs():
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < 16:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    for seed in (0, 1, 12345):
+        bits, signs = hadamard_sign_bits(seed), hadamard_signs(seed)
+        assert 0 <= bits < 1 << 16 and signs.tolist() == [-1.0 if bits >> i & 1 else 1.0 for i in range(16)]
+        z = torch.randn(37, 5, generator=_gen(seed), dtype=torch.float64)
+        matrix = (h / 4) * signs.double()[None, :]
+        ref = torch.einsum("ij,bjc->bic", matrix, torch.nn.functional.pad(z, (0, 0, 0, 11)).reshape(3, 16, 5))
+        assert torch.allclose(hadamard_tokens(z, signs), ref.reshape(48, 5), atol=1e-14)
+    assert hadamard_sign_bits(1) != hadamard_sign_bits(2)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("center", [True, False])
+def test_rotated_operand_is_bit_exact(fmt, shape, center):
+    g = _gen(3)
+    x = (torch.randn(*shape, generator=g) * 2 + torch.randn(shape[1], generator=g) * 4)
+    x[0, 0] = 60.0  # an outlier the rotation spreads over its 16 tokens
+    _check_against_reference(x.to(torch.bfloat16).to(DEV), fmt, center)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_non_contiguous_fp32_tiny_and_huge(fmt):
+    g = _gen(4)
+    base = torch.randn(50, 80, generator=g).to(DEV)
+    _check_against_reference(base.t(), fmt, center=True)  # [80, 50], strides (1, 80)
+    _check_against_reference(base * 1e-30, fmt, center=True)
+    _check_against_reference(base * 1e30, fmt, center=False)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_zeros_and_non_finite_inputs(fmt):
+    zeros = torch.zeros(40, 32, device=DEV)
+    _check_against_reference(zeros, fmt, center=True)
+    out = hadamard_col_quantize(zeros, None, 5, fmt)
+    assert not out.dq.float().abs().any()
+    x = torch.randn(40, 32, generator=_gen(6)).to(DEV)
+    x[3, 7] = float("nan")
+    x[20, 9] = float("inf")
+    out = hadamard_col_quantize(x, None, hadamard_sign_bits(2), fmt)
+    ref = dequantize(quantize(hadamard_tokens(x, hadamard_signs(2)), fmt, axis=0))
+    if fmt == "nvfp4":
+        assert torch.isnan(out.tensor_scale)
+    else:  # MXFP4 has no tensor scale: only the blocks holding NaN/Inf are lost, as in the reference
+        got = out.dq.float()[:ref.shape[0]]
+        assert torch.equal(got.isnan(), ref.isnan())
+        fin = ref.isfinite()
+        assert torch.equal(got[fin], ref[fin])
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_stochastic_rounding_is_seeded_and_unbiased(fmt):
+    m, k = (128, 64) if DEV == "cpu" else (2048, 512)
+    x = torch.randn(m, k, generator=_gen(8)).to(DEV)
+    bits = hadamard_sign_bits(9)
+    mean = x.mean(0)
+    a = hadamard_col_quantize(x, mean, bits, fmt, rounding="sr", seed=1)
+    b = hadamard_col_quantize(x, mean, bits, fmt, rounding="sr", seed=1)
+    c = hadamard_col_quantize(x, mean, bits, fmt, rounding="sr", seed=2)
+    assert torch.equal(a.dq, b.dq) and not torch.equal(a.dq, c.dq)
+    rotated = hadamard_tokens(x - mean, hadamard_signs(9))
+    rtn = hadamard_col_quantize(x, mean, bits, fmt)
+    ts = a.tensor_scale if a.tensor_scale is not None else 1.0
+    err = a.dq.float() * ts - rotated
+    rtn_err = rtn.dq.float() * ts - rotated
+    assert err.abs().mean() > rtn_err.abs().mean()  # SR is noisier per element than RTN...
+    assert err.mean().abs() < 0.1 * err.abs().mean()  # ...but unbiased: the mean error is far below its size
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("center", [True, False])
+def test_linear_with_hadamard_matches_reference(fmt, center):
+    """fprop, dgrad and wgrad (rotated operands, rotated ones-vector in the rank-1 terms) against the reference."""
+    rec = Recipe(format=fmt, hadamard=True, sr_gradients=False, center_activations=center, center_gradients=center)
+    assert supports_recipe(rec)  # the Triton path, not the reference fallback
+    m, k, n = (45, 64, 32) if DEV == "cpu" else (509, 768, 384)  # ragged tokens: a partial 16-token group
+    g = _gen(10)
+    x = (torch.randn(m, k, generator=g) + torch.randn(k, generator=g) * 3).to(DEV).requires_grad_()
+    w = torch.randn(n, k, generator=g).to(DEV).requires_grad_()
+    dy = (torch.randn(m, n, generator=g) + torch.randn(n, generator=g)).to(DEV)
+    y = TritonBackend().linear_train(x, w, None, rec, 3)
+    y.backward(dy)
+    got = (y.detach(), x.grad, w.grad)
+    x.grad = w.grad = None
+    if DEV == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    yr = averis_linear(x, w, None, rec, 3)
+    yr.backward(dy)
+    tol = 1e-5 if not center else 2e-3  # as the plain linear: the kernel's mean may flip a boundary code
+    for a, r in zip(got, (yr.detach(), x.grad, w.grad)):
+        assert ((a - r).norm() / r.norm()) < tol
+    plain = Recipe(format=fmt, sr_gradients=False, center_activations=center, center_gradients=center)
+    x.grad = None
+    w2 = w.detach().clone().requires_grad_()
+    triton_linear_train(x, w2, None, plain, 3).backward(dy)
+    assert not torch.equal(w2.grad, got[2])  # the rotation changes the quantized wgrad
