@@ -2,8 +2,10 @@
 
 The weight is read once in its packed form (codes uint8 [N, KP/2] low nibble first, scales uint8 [N, KP/B], NVFP4
 FP32 tensor scale) and dequantized in registers exactly as the reference W4A16 path does
-(``((code · s_b) · s_t).to(x.dtype)``), then multiplied on the tensor cores with FP32 accumulation. Split-K
-partials (when the output has too few rows to fill the chip) are reduced deterministically by a second launch.
+(``((code · s_b) · s_t).to(x.dtype)``), then multiplied on the tensor cores with FP32 accumulation (5-64 tokens),
+or with FP32 FMAs on unrounded weights (1 token: `_w4a16_gemv_kernel`, a streaming GEMV; 2-4 tokens:
+`_w4a16_fma_kernel`). Split-K partials (when the output has too few rows to fill the chip) are reduced
+deterministically by a second launch.
 """
 
 from __future__ import annotations
@@ -95,8 +97,6 @@ def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, 
     n = pn * BN + tl.arange(0, BN)
     nm = n < N
     nb = tl.arange(0, NB)
-    jj = tl.arange(0, HB)
-    pp = tl.arange(0, 2)
     tb = tl.arange(0, TB)
     tm = tb < Bsz
     if IS_NV:
@@ -143,6 +143,65 @@ def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, 
                  mask=tm[:, None] & nm[None, :])
     else:
         tl.store(part_ptr + ps * (TB * N) + tb[:, None] * N + n[None, :], res, mask=tm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, N, K, KP, NK_PER,
+                       BN: tl.constexpr, NBLK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ROUND_W: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):
+    """Decode for 1 token, streaming the packed weight: each iteration loads a [BN, NBLK·B/2] tile of code bytes as
+    contiguous row segments (16-byte vectors), the matching even / odd activations directly in the tile's broadcast
+    shape (no per-iteration layout shuffles), and accumulates code·x·s_b per element in FP32; one reduction at the
+    end, s_t once per output. ROUND_W: the reference's BF16-rounded weights instead."""
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    HB: tl.constexpr = B // 2
+    BKB: tl.constexpr = NBLK * HB  # code bytes per row and iteration
+    n = pn * BN + tl.arange(0, BN)
+    nm = n < N
+    jb = tl.arange(0, BKB)
+    blk = tl.arange(0, NBLK)
+    if IS_NV:
+        ts = tl.load(ts_ptr)
+    acc = tl.zeros([BN, NBLK, HB], dtype=tl.float32)
+    for it in range(NK_PER):
+        kb0 = (ps * NK_PER + it) * BKB  # first code byte of this iteration
+        byte = kb0 + jb
+        cb = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + byte[None, :],
+                     mask=nm[:, None] & (byte < KP // 2)[None, :], other=0).to(tl.int32)
+        bi = kb0 // HB + blk
+        sb = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // B) + bi[None, :],
+                     mask=nm[:, None] & (bi < KP // B)[None, :], other=0).to(tl.int32)
+        if IS_NV:
+            sf = e4m3_decode(sb) * 16384.0
+        else:
+            sf = e8m0_scale(sb) * 16384.0
+        ke = 2 * byte
+        xe = tl.load(x_ptr + ke * sxk, mask=ke < K, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + (ke + 1) * sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
+        wl = tl.reshape(_e2m1_x2m14(cb), [BN, NBLK, HB])
+        wh = tl.reshape(_e2m1_x2m14(cb >> 4), [BN, NBLK, HB])
+        xe3 = tl.reshape(xe, [NBLK, HB])[None, :, :]
+        xo3 = tl.reshape(xo, [NBLK, HB])[None, :, :]
+        f = sf[:, :, None]
+        if ROUND_W:
+            if IS_NV:
+                f = f * ts
+            acc += bf16_rne(wl * f) * xe3 + bf16_rne(wh * f) * xo3
+        else:
+            acc += (wl * xe3 + wh * xo3) * f
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if IS_NV and not ROUND_W:
+        res = res * ts
+    if SPLIT == 1:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        if ROUND_BF16:
+            res = bf16_rne(res)
+        tl.store(out_ptr + n, res.to(out_ptr.dtype.element_ty), mask=nm)
+    else:
+        tl.store(part_ptr + ps * N + n, res, mask=nm)
 
 
 @triton.jit
@@ -194,11 +253,31 @@ def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     return bn, bk, w, min(split, nk)
 
 
+def _gemv_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
+    """(BN, code bytes per row and iteration, num_warps, SPLIT) of the 1-token kernel; HF_LOWBIT_GEMV_CFG="BN,BYTES,W,
+    SPLIT" overrides (SPLIT 0 = auto: split K until the grid has ~2 programs per SM)."""
+    if interpreting():
+        return 16, max(B // 2, 32), 4, (2 if KP >= 128 else 1)
+    bn, nbytes, w, split = 32, 256, 4, 0
+    env = env_setting("HF_LOWBIT_GEMV_CFG")
+    if env:
+        bn, nbytes, w, split = (int(v) for v in env.split(","))
+    nbytes = max(B // 2, min(nbytes, next_pow2(KP // 2)))
+    nk = cdiv(KP // 2, nbytes)
+    if split <= 0:
+        n_tiles = cdiv(N, bn)
+        split = 1
+        while n_tiles * split < 2 * 132 and split * 2 <= nk:
+            split *= 2
+    return bn, nbytes, w, min(split, nk)
+
+
 def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (≤ MAX_TOKENS tokens) times the packed weight [N, K] (1-D blocks along K) → [..., N].
 
-    1-4 tokens: register dequant + FP32 FMA kernel (weights not rounded to BF16 unless HF_LOWBIT_W4A16_ROUND_W=1:
-    more accurate than the reference's BF16 weights, within 2^-9 relative per weight); more tokens: tensor cores.
+    1 token: the streaming GEMV kernel (HF_LOWBIT_GEMV=fma selects the older one); 2-4 tokens: register dequant +
+    FP32 FMA kernel (both: weights not rounded to BF16 unless HF_LOWBIT_W4A16_ROUND_W=1: more accurate than the
+    reference's BF16 weights, within 2^-9 relative per weight); more tokens: tensor cores.
     """
     if w.block_2d or w.axis != 1 or len(w.shape) != 2:
         raise ValueError("w4a16_linear needs a 1-D-blocked [out, in] packed weight (axis 1)")
@@ -216,14 +295,26 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     ts = w.tensor_scale.float().reshape(1) if is_nv else torch.empty(1, device=dev, dtype=torch.float32)
     out = torch.empty((bsz, N), device=dev, dtype=x.dtype)
     bias_t = bias if bias is not None else out
-    if bsz <= 4:
+    round_w = x.dtype != torch.float32 and env_setting("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
+    if bsz == 1 and env_setting("HF_LOWBIT_GEMV", "stream") == "stream":
+        BN, nbytes, nw, split = _gemv_config(N, KP, B)
+        NK = cdiv(KP // 2, nbytes)
+        nk_per = cdiv(NK, split)
+        split = cdiv(NK, nk_per)
+        part = torch.empty((split, 1, N), device=dev, dtype=torch.float32) if split > 1 else out
+        _w4a16_gemv_kernel[(cdiv(N, BN), split)](
+            x2, x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, N, K, KP,
+            tl.constexpr(nk_per) if interpreting() else nk_per,  # the interpreter cannot range() over a runtime int
+            BN=BN, NBLK=nbytes // (B // 2), B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
+            ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=nw)
+        BB = 1
+    elif bsz <= 4:
         TB = next_pow2(bsz)
         BN, BK, nw, split = _fma_config(N, KP, B)
         NK = cdiv(KP, BK)
         nk_per = cdiv(NK, split)
         split = cdiv(NK, nk_per)
         part = torch.empty((split, TB, N), device=dev, dtype=torch.float32) if split > 1 else out
-        round_w = x.dtype != torch.float32 and env_setting("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
         _w4a16_fma_kernel[(cdiv(N, BN), split)](
             x2, x2.stride(0), x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, bsz, N, K, KP,
             NK_PER=nk_per, BN=BN, BK=BK, TB=TB, B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
