@@ -797,7 +797,8 @@ def run(a: argparse.Namespace) -> dict:
         "eval_blocks": len(held) if held is not None else 0, "block_size": a.block_size,
         "global_batch": a.batch_size * a.grad_accum * targs.world_size, "hf_lowbit_version": hf_lowbit.__version__,
     }
-    callbacks = _make_callbacks(run_info, a.resume) + callbacks
+    # hf_lowbit.callbacks(model): SD-MoE's gradient rule and basis refresh (empty for models without SD-MoE)
+    callbacks = _make_callbacks(run_info, a.resume) + hf_lowbit.callbacks(model) + callbacks
 
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=held,
                       data_collator=default_data_collator, processing_class=tokenizer, callbacks=callbacks)

@@ -191,15 +191,27 @@ def test_named_configs_and_precision_mapping():
         assert (c.format, c.mean_center, c.hadamard, c.mode, c.moe) == (fmt, mc, had, "train", None)
 
 
-def test_moe_sd_reaches_the_config(tmp_path):
-    import hf_lowbit
+def test_moe_sd_reaches_the_config_and_the_trainer_runs_its_callback(tiny_run, tmp_path, monkeypatch):
+    """--moe sd sets LowBitConfig(moe="sd") and hands Trainer the SD-MoE callback (gradient rule + refresh schedule):
+    without it an SD-MoE model trains as plain W_c + W_u experts."""
+    from hf_lowbit.model_patches.sd_moe import SDMoECallback
 
     a = T.resolve_args(T.build_parser().parse_args(
         ["--tiny", "--from-config", "qwen3-moe-tiny", "--moe", "sd", "--output-dir", str(tmp_path / "o")]))
     cfg = T.lowbit_config(a.precision, a.moe, a.quant_backend, a.seed)
     assert cfg.moe == "sd" and cfg.to_dict()["moe"] == "sd"
-    if not hasattr(hf_lowbit, "apply_sd_moe"):
-        pytest.skip("hf_lowbit.apply_sd_moe is not implemented yet: only the config wiring is tested")
+    steps: list[int] = []
+    original = SDMoECallback.on_optimizer_step
+
+    def counting(self, args, state, control, **kw):
+        steps.append(state.global_step)
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(SDMoECallback, "on_optimizer_step", counting)
+    out = tmp_path / "sd"
+    assert T.main(_tiny(tiny_run[0] / "tokenizer", out, "--from-config", "qwen3-moe-tiny", "--moe", "sd",
+                        "--max-steps", "2")) == 0
+    assert steps == [0, 1]
 
 
 def test_report_to_auto_without_tensorboard(monkeypatch):
