@@ -2,6 +2,7 @@
 # GPU acceptance runs of the issues, in stages, one device call each group. Logs and JSON under $OUT.
 #   STAGES="core demo mhmoe calib" bash scripts/gpu_acceptance.sh          # one GPU
 #   STAGES="repro moe scale" bash scripts/gpu_acceptance.sh                # two GPUs
+#   PACK=0 STAGES="sdfsdp" bash scripts/gpu_acceptance.sh                  # two GPUs, SD-MoE under FSDP2
 # Stages:
 #   host   scripts/profile_linear_host.py: host vs device time of one FP4 linear and of each launch in it, the
 #          CUDA API calls and the synchronizing CUDA calls of one fwd+bwd
@@ -18,6 +19,8 @@
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
 #          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
+#   sdfsdp  two GPUs: tests/test_sd_moe_fsdp.py on NCCL (FSDP2-sharded SD-MoE vs the unsharded model), then a short
+#          SD-MoE NVFP4 training (train.py --tiny, qwen3-moe-tiny) under FSDP2 and under DDP (SDFSDP_STEPS steps)
 #   profile  scripts/profile_experts.py: torch.profiler table of FP4 experts fwd+bwd (nvfp4, mxfp4);
 #            scripts/profile_train_step.py: host vs device time of a qwen3-0.6b-shape training step, BF16 vs NVFP4
 # Everything under $OUT is packed into $OUT/results.tgz at the end (PACK=0: not).
@@ -117,6 +120,25 @@ if has scale; then stamp scale
     timeout 240 accelerate launch --config_file scripts/accelerate/fsdp2.yaml --num_processes 2 scripts/train.py $common \
       --precision nvfp4-averis --output-dir /tmp/s2f 2>&1 | grep "hf-lowbit train" | tee -a "$OUT/scale.log"
     cp /tmp/s2f/log.json "$OUT/scale_2gpu_fsdp2_nvfp4-averis.json" 2>/dev/null
+  fi
+fi
+if has sdfsdp; then stamp sdfsdp
+  if [ "$NGPU" -ge 2 ]; then
+    HF_LOWBIT_TEST_DIST_BACKEND=nccl timeout ${SDFSDP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider \
+      tests/test_sd_moe_fsdp.py 2>&1 | tail -n 40 | tee "$OUT/sd_fsdp_tests.log" || fail sdfsdp $?
+    # the --tiny data (a slice of the packaged text, a 512-token BPE trained on it), 64-token blocks, batch 8/GPU
+    sdargs="--tiny --from-config qwen3-moe-tiny --moe sd --precision nvfp4-averis --max-steps ${SDFSDP_STEPS:-40} \
+      --save-every 0 --no-progress --report-to none --overwrite"
+    for cfg in fsdp2 ddp; do
+      echo "-- $cfg" >>"$OUT/sd_fsdp.log"
+      timeout ${SDFSDP_TRAIN_TIMEOUT:-180} accelerate launch --config_file scripts/accelerate/$cfg.yaml \
+        --num_processes 2 scripts/train.py $sdargs --output-dir /tmp/sdf_$cfg 2>&1 | tee /tmp/sdf_$cfg.log \
+        | grep "hf-lowbit train" | tee -a "$OUT/sd_fsdp.log" \
+        || { fail sdfsdp $?; grep -v "^{'" /tmp/sdf_$cfg.log | tail -n 60 >>"$OUT/sd_fsdp.log"; }  # its error
+      cp /tmp/sdf_$cfg/log.json "$OUT/sd_${cfg}_train.json" 2>/dev/null
+    done
+  else
+    echo "sdfsdp needs 2 GPUs (found $NGPU): not run" | tee -a "$OUT/stages.log"; fail sdfsdp 1
   fi
 fi
 if has profile; then stamp profile
