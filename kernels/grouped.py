@@ -6,7 +6,9 @@ quantization of every operand is one `grouped_quantize_dq` launch writing BF16 `
 per-group means are quantized by one `group_mean_quantized` launch, and each GEMM is one batched Triton GEMM
 (`gemm.scaled_gemm`, FP32 accumulation) with the tensor scales, the rank-1 mean terms, the padding mask and the
 output cast fused in its epilogue (no FP32 [G, L, N] intermediates). Quantized operands match the reference bit for
-bit (RTN); outputs differ only by FP32 accumulation order; SR draws from Philox instead of torch's generator. Recipes the kernels do not cover (Hadamard, 2-D weight blocks, block_axis="last", group sizes
+bit (RTN); outputs differ only by FP32 accumulation order; SR draws from Philox instead of torch's generator. With ``hadamard=True`` the wgrad operands are each group's
+rotated residual (`kernels/hadamard.py`, per-group tensor scales) and the token sums of the rank-1 terms are
+weighted by the rotated mask. Recipes the kernels do not cover (2-D weight blocks, block_axis="last", group sizes
 that are not a multiple of the block) fall back to the reference.
 """
 
@@ -17,9 +19,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
 from hf_lowbit.kernels.gemm import scaled_gemm
+from hf_lowbit.kernels.hadamard import grouped_hadamard_col_quantize
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
@@ -114,6 +118,31 @@ def _rank1(v_unscaled: torch.Tensor, m: torch.Tensor, *scales: torch.Tensor | No
     return bmm_fp32(v_unscaled[:, None, :], m) * _scale(*scales)
 
 
+def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) -> torch.Tensor:
+    """Σ over each group's tokens of its wgrad operand [G, L, K] (zero on padding rows), FP32 [G, K]; with the
+    Hadamard rotation weighted by the rotated mask T·m (multiples of 1/4: exact in BF16)."""
+    if not recipe.hadamard:
+        return col.sum(1, dtype=torch.float32)
+    ones = hadamard_tokens(mp[..., None].float(), hadamard_signs(seed))[..., 0]
+    return bmm_fp32(ones[:, None, :].to(col.dtype), col)[:, 0]
+
+
+def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,
+                   recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row-axis operand, column-axis wgrad operand, the latter's tensor scales) of z [G·lp, K]: the column axis
+    is the rotated residual with its own tensor scales under ``hadamard=True``, else from the same launch."""
+    had = col and recipe.hadamard
+    z_row, z_col = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding, seed31(seed, seed_part),
+                                       row=row, col=col and not had, mx_scale=recipe.mx_scale) \
+        if row or not had else (None, None)
+    ts_col = ts
+    if had:
+        z_col, ts_col = grouped_hadamard_col_quantize(z, lp, rowok, mu, hadamard_sign_bits(seed), recipe.format,
+                                                      rounding, seed31(seed, seed_part + 10), recipe.mx_scale)
+    return z_row, z_col, ts_col
+
+
 class TritonGroupedAverisLinear(torch.autograd.Function):
     """W4A4G4 Averis linear over G groups with the Triton quantizer (see the module docstring)."""
 
@@ -130,9 +159,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         counts = mp.sum(1)
         rowok = mp.reshape(-1) != 0
         mu_x, ts_x = group_stats(xp, mp, counts, recipe.center_activations, is_nv)
-        x_row, x_col = grouped_quantize_dq(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe.format,
-                                           "sr" if recipe.sr_activations else "rtn", seed31(seed, 21), row=True,
-                                           col=need_wgrad, mx_scale=recipe.mx_scale)
+        x_row, x_col, ts_xc = _wgrad_operand(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe,
+                                             "sr" if recipe.sr_activations else "rtn", seed, 21, True, need_wgrad)
         w_mu, ts_w = group_stats(weight, None, None, False, is_nv)
         all_rows = torch.ones(g * n, device=x.device, dtype=torch.bool)
         w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, all_rows, w_mu, ts_w,
@@ -149,8 +177,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                         row_mask=mp[:, :length])
         x_sum = None
         if need_wgrad:
-            x_sum = x_col.view(g, lp, k).sum(1, dtype=torch.float32)
-        saved = [x_col, x_sum, ts_x, mu_x_q, w_col, ts_w, mp, counts]
+            x_sum = _token_sums(x_col.view(g, lp, k), mp, recipe, seed)
+        saved = [x_col, x_sum, ts_xc, mu_x_q, w_col, ts_w, mp, counts]
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
         ctx.meta = (recipe, seed, length, lp, n, k, weight.dtype)
@@ -167,10 +195,9 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         # padding rows need no zeroing here: the stats skip them and the quantizer writes them as 0 (rowok)
         d = F.pad(dy, (0, 0, 0, lp - length)) if lp != length else dy
         mu_d, ts_d = group_stats(d, mp, counts, recipe.center_gradients, is_nv)
-        d_row, d_col = grouped_quantize_dq(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d,
-                                           recipe.format, "sr" if recipe.sr_gradients else "rtn",
-                                           seed31(seed, 23), row=need_dgrad, col=need_wgrad,
-                                           mx_scale=recipe.mx_scale)
+        d_row, d_col, ts_dc = _wgrad_operand(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d, recipe,
+                                             "sr" if recipe.sr_gradients else "rtn", seed, 23, need_dgrad,
+                                             need_wgrad)
         mu_d_q = mu_d_u = ts_mud = None
         if recipe.center_gradients:
             mu_d_q, mu_d_u, ts_mud = group_mean_quantized(mu_d, recipe.format, "sr" if recipe.sr_gradients else "rtn",
@@ -186,10 +213,10 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
             x_sum_s = x_sum * (1.0 if ts_x is None else ts_x[:, None])
             r1 = r2 = None
             if mu_x_q is not None:
-                r1 = (dc.sum(1, dtype=torch.float32) * (1.0 if ts_d is None else ts_d[:, None]), mu_x_q)
-            if mu_d_q is not None:
+                r1 = (_token_sums(dc, mp, recipe, seed) * (1.0 if ts_dc is None else ts_dc[:, None]), mu_x_q)
+            if mu_d_q is not None:  # counts = Σ m² = ‖T·m‖² (the rotation is orthogonal; exact for 0/1 masks)
                 r2 = (mu_d_q, x_sum_s if mu_x_q is None else x_sum_s + counts[:, None] * mu_x_q)
-            dw = scaled_gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_d, ts_x,
+            dw = scaled_gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_dc, ts_x,
                              None, r1, r2)
         return dx, dw, None, None, None
 
@@ -197,7 +224,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
 def supports_grouped(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> bool:
     """Shapes and recipes the grouped Triton path covers (else the reference runs)."""
     b = get_format(recipe.format).block_size
-    return (recipe.block_axis == "reduction" and not recipe.hadamard and recipe.weight_blocks == "1d"
+    return (recipe.block_axis == "reduction" and recipe.weight_blocks == "1d"
             and x.dim() == 3 and x.numel() > 0 and weight.shape[1] % b == 0 and weight.shape[-1] > 0)
 
 

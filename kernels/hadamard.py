@@ -26,9 +26,9 @@ from hf_lowbit.averis import HADAMARD_BLOCK
 from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
                                        interpreting, round_e2m1)
 from hf_lowbit.kernels.quantize import _nv_codes, _nv_scales, _nv_tensor_scale, _fast
-from hf_lowbit.numerics import get_format
+from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
-__all__ = ["HadamardOperand", "hadamard_col_quantize"]
+__all__ = ["HadamardOperand", "grouped_hadamard_col_quantize", "hadamard_col_quantize"]
 
 
 @triton.jit
@@ -50,34 +50,48 @@ def hadamard16(t, bits, NB: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER: tl.constexpr, BM: tl.constexpr,
-                  BK: tl.constexpr):
+def _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, rowok_ptr, GL, bits, CENTER: tl.constexpr,
+                  GROUPED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """T·(Z − 1·μ) of this program's [BM, BK] tile (rows ≥ M are the zero padding), FP32, with its row and
-    column indices."""
+    column indices. GROUPED: Z stacks groups of GL rows (MoE experts; GL a multiple of 16), each centred by its own
+    mean (mean_ptr [G, K]), rows with rowok == 0 (capacity padding) are zero."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     cmask = cols < K
-    mask = (rows < M)[:, None] & cmask[None, :]
+    rmask = rows < M
+    if GROUPED:
+        rmask = rmask & (tl.load(rowok_ptr + rows, mask=rmask, other=0) != 0)
+    mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
-    if CENTER:
+    if GROUPED:
+        mu = tl.load(mean_ptr + (rows // GL)[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+        x = tl.where(mask, x - mu, 0.0)
+    elif CENTER:
         x = tl.where(mask, x - tl.load(mean_ptr + cols, mask=cmask, other=0.0)[None, :], 0.0)
     t = hadamard16(tl.reshape(x, [BM // 16, 16, BK]), bits, BM // 16, BK)
     return tl.reshape(t, [BM, BK]), rows, cols
 
 
 @triton.jit(do_not_specialize=["bits"])
-def _hadamard_amax_kernel(x_ptr, sxm, sxk, M, K, mean_ptr, bits, amax_ptr, CENTER: tl.constexpr,
-                          BM: tl.constexpr, BK: tl.constexpr):
-    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER, BM, BK)
+def _hadamard_amax_kernel(x_ptr, sxm, sxk, M, K, mean_ptr, rowok_ptr, GL, bits, amax_ptr, CENTER: tl.constexpr,
+                          GROUPED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Global amax of T·R as int bits, atomically maxed into amax_ptr[0] (GROUPED: amax_ptr[group])."""
+    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, rowok_ptr, GL, bits, CENTER, GROUPED, BM, BK)
     a = tl.where(t != t, float("inf"), tl.abs(t))  # NaN counts as +inf: a non-finite tensor scale, as reference
-    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True))
+    if GROUPED:  # 16-row groups never straddle two experts (GL is a multiple of 16)
+        a16 = tl.max(tl.reshape(tl.max(a, axis=1), [BM // 16, 16]), axis=1)
+        grp = (tl.program_id(0) * BM + tl.arange(0, BM // 16) * 16) // GL
+        tl.atomic_max(amax_ptr + grp, a16.to(tl.int32, bitcast=True), mask=grp < M // GL)
+    else:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0).to(tl.int32, bitcast=True))
 
 
 @triton.jit(do_not_specialize=["bits", "seed"])
-def _hadamard_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, bits, amax_ptr, dq_ptr, csum_ptr, seed, ts_out_ptr,
-                           BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
-                           CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr):
-    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, bits, CENTER, BM, BK)
+def _hadamard_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, rowok_ptr, GL, bits, amax_ptr, tsg_ptr, dq_ptr,
+                           csum_ptr, seed, ts_out_ptr, BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr,
+                           IS_NV: tl.constexpr, CENTER: tl.constexpr, GROUPED: tl.constexpr, SR: tl.constexpr,
+                           MX_CEIL: tl.constexpr, FAST: tl.constexpr, COL_SUM: tl.constexpr):
+    t, rows, cols = _rotated_tile(x_ptr, sxm, sxk, M, K, mean_ptr, rowok_ptr, GL, bits, CENTER, GROUPED, BM, BK)
     NBQ: tl.constexpr = BM // B
     tq = tl.reshape(t, [NBQ, B, BK])
     amax_b = tl.max(tl.where(tq != tq, float("inf"), tl.abs(tq)), axis=1)
@@ -86,9 +100,13 @@ def _hadamard_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, bits, amax_ptr, 
     else:
         rnd = 0.0
     if IS_NV:
-        ts = _nv_tensor_scale(amax_ptr)
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(ts_out_ptr, ts)
+        if GROUPED:  # the group's tensor scale per block (blocks never straddle groups: GL is a multiple of B)
+            grp = (tl.program_id(0) * BM + tl.arange(0, NBQ) * B) // GL
+            ts = tl.load(tsg_ptr + grp, mask=grp < M // GL, other=1.0)[:, None]
+        else:
+            ts = _nv_tensor_scale(amax_ptr)
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(ts_out_ptr, ts)
         sbf, sbyte, den, y, bad = _nv_scales(amax_b, ts)
         codes = _nv_codes(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, rnd, FAST)
     else:
@@ -99,10 +117,10 @@ def _hadamard_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, bits, amax_ptr, 
     cmask = cols < K
     tl.store(dq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16),
              mask=(rows < MP)[:, None] & cmask[None, :])
-    # the rotated ones-vector of these rows (the same butterfly on the real-token indicator): rank-1 weights
-    ones = hadamard16(tl.reshape(tl.where(rows < M, 1.0, 0.0), [BM // 16, 16, 1]), bits, BM // 16, 1)
-    csum = tl.sum(tl.reshape(ones, [BM, 1]) * tl.where(cmask[None, :], v, 0.0), axis=0)
-    tl.store(csum_ptr + tl.program_id(0) * K + cols, csum, mask=cmask)
+    if COL_SUM:  # the rotated ones-vector of these rows (the same butterfly on the real-token indicator)
+        ones = hadamard16(tl.reshape(tl.where(rows < M, 1.0, 0.0), [BM // 16, 16, 1]), bits, BM // 16, 1)
+        csum = tl.sum(tl.reshape(ones, [BM, 1]) * tl.where(cmask[None, :], v, 0.0), axis=0)
+        tl.store(csum_ptr + tl.program_id(0) * K + cols, csum, mask=cmask)
 
 
 class HadamardOperand(NamedTuple):
@@ -115,38 +133,72 @@ class HadamardOperand(NamedTuple):
     tensor_scale: torch.Tensor | None
 
 
-def hadamard_col_quantize(x: torch.Tensor, mean: torch.Tensor | None, bits: int, format: str = "nvfp4",
-                          rounding: str = "rtn", seed: int = 0, mx_scale: str = "floor") -> HadamardOperand:
-    """Quantize T·(x − 1·μ) along tokens (`mean` None: no centring) for the weight-gradient GEMM, T the random
-    16-token Hadamard rotation whose signs are the 16 low bits of `bits` (`hf_lowbit.averis.hadamard_sign_bits`)."""
+def _check_args(x: torch.Tensor, rounding: str, mx_scale: str, format: str) -> tuple[int, bool]:
     if x.dim() != 2 or x.numel() == 0:
-        raise ValueError(f"hadamard_col_quantize needs a non-empty 2-D tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"the Hadamard operand needs a non-empty 2-D tensor, got shape {tuple(x.shape)}")
     if rounding not in ("rtn", "sr"):
         raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
     if mx_scale not in ("floor", "ceil"):
         raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
     fmt = get_format(format)
-    B = fmt.block_size
-    if B % HADAMARD_BLOCK:
-        raise ValueError(f"format={format!r} has blocks of {B}; the Hadamard operand needs a multiple of 16")
-    is_nv = fmt.scale_kind == "e4m3"
+    if fmt.block_size % HADAMARD_BLOCK:
+        raise ValueError(f"format={format!r} has blocks of {fmt.block_size}; the Hadamard operand needs a multiple "
+                         f"of {HADAMARD_BLOCK}")
+    return fmt.block_size, fmt.scale_kind == "e4m3"
+
+
+def _launch(x: torch.Tensor, rows_out: int, mean: torch.Tensor | None, rowok: torch.Tensor | None, group_rows: int,
+            bits: int, B: int, is_nv: bool, rounding: str, seed: int, mx_scale: str, col_sum: bool,
+            amax: torch.Tensor, tsg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two launches (amax pass only for NVFP4) → (BF16 dq [rows_out, K], per-tile column sums, ts buffer)."""
     M, K = x.shape
-    MP = cdiv(M, B) * B
     BM, BK, nw = (32, 32, 4) if interpreting() else (64, 64, 4)
     BM = max(BM, B)
-    grid = (cdiv(MP, BM), cdiv(K, BK))
+    grid = (cdiv(rows_out, BM), cdiv(K, BK))
     dev = x.device
-    dummy_f = dummy_tensors(dev)[2]
-    mean_arg = mean if mean is not None else dummy_f
-    center = mean is not None
-    amax = torch.zeros(1, device=dev, dtype=torch.int32)
+    dummy_u8, _, dummy_f = dummy_tensors(dev)
+    grouped = rowok is not None
+    args = (x, x.stride(0), x.stride(1), M, K)
+    common = (mean if mean is not None else dummy_f, rowok if grouped else dummy_u8, group_rows, bits)
     if is_nv:
-        _hadamard_amax_kernel[grid](x, x.stride(0), x.stride(1), M, K, mean_arg, bits, amax, CENTER=center,
-                                    BM=BM, BK=BK, num_warps=nw)
-    dq = torch.empty((MP, K), device=dev, dtype=torch.bfloat16)
-    csum = torch.empty((grid[0], K), device=dev, dtype=torch.float32)
+        _hadamard_amax_kernel[grid](*args, *common, amax, CENTER=mean is not None, GROUPED=grouped, BM=BM, BK=BK,
+                                    num_warps=nw)
+        if grouped:  # per-group tensor scales, as the reference's (NaN where the amax is not finite)
+            a = amax.view(torch.float32)
+            tsg = torch.where(torch.isfinite(a), divide_exactly(a, NVFP4_TENSOR_SCALE_DIVISOR),
+                              torch.full_like(a, float("nan")))
+    dq = torch.empty((rows_out, K), device=dev, dtype=torch.bfloat16)
+    csum = torch.empty((grid[0], K), device=dev, dtype=torch.float32) if col_sum else dummy_f
     ts = torch.empty(1, device=dev, dtype=torch.float32)
-    _hadamard_quant_kernel[grid](x, x.stride(0), x.stride(1), M, K, MP, mean_arg, bits, amax, dq, csum, seed, ts,
-                                 BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=rounding == "sr",
-                                 MX_CEIL=mx_scale == "ceil", FAST=_fast(), num_warps=nw)
+    _hadamard_quant_kernel[grid](*args, rows_out, *common, amax, tsg if tsg is not None else dummy_f, dq, csum, seed,
+                                 ts, BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=mean is not None, GROUPED=grouped,
+                                 SR=rounding == "sr", MX_CEIL=mx_scale == "ceil", FAST=_fast(), COL_SUM=col_sum,
+                                 num_warps=nw)
+    return dq, csum, (tsg if grouped else ts)
+
+
+def hadamard_col_quantize(x: torch.Tensor, mean: torch.Tensor | None, bits: int, format: str = "nvfp4",
+                          rounding: str = "rtn", seed: int = 0, mx_scale: str = "floor") -> HadamardOperand:
+    """Quantize T·(x − 1·μ) along tokens (`mean` None: no centring) for the weight-gradient GEMM, T the random
+    16-token Hadamard rotation whose signs are the 16 low bits of `bits` (`hf_lowbit.averis.hadamard_sign_bits`)."""
+    B, is_nv = _check_args(x, rounding, mx_scale, format)
+    amax = torch.zeros(1, device=x.device, dtype=torch.int32)
+    dq, csum, ts = _launch(x, cdiv(x.shape[0], B) * B, mean, None, 1, bits, B, is_nv, rounding, seed, mx_scale,
+                           True, amax, None)
     return HadamardOperand(dq, csum.sum(0), ts[0] if is_nv else None)
+
+
+def grouped_hadamard_col_quantize(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, mean: torch.Tensor,
+                                  bits: int, format: str = "nvfp4", rounding: str = "rtn", seed: int = 0,
+                                  mx_scale: str = "floor") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rotated wgrad operand of G stacked groups x [G·group_rows, K] (MoE experts in capacity layout;
+    `group_rows` a multiple of the block), each centred by its mean [G, K] and rotated within the group, rows with
+    rowok == 0 zero: (BF16 code × block scale [G·group_rows, K], NVFP4 tensor scales [G] or None)."""
+    B, is_nv = _check_args(x, rounding, mx_scale, format)
+    if group_rows % B or x.shape[0] % group_rows:
+        raise ValueError(f"group_rows={group_rows} must be a multiple of the block ({B}) dividing {x.shape[0]} rows")
+    g = x.shape[0] // group_rows
+    amax = torch.zeros(g, device=x.device, dtype=torch.int32)
+    dq, _, ts = _launch(x, x.shape[0], mean.float().contiguous(), rowok.contiguous(), group_rows,
+                        bits, B, is_nv, rounding, seed, mx_scale, False, amax, None)
+    return dq, ts if is_nv else None

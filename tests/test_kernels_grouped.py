@@ -81,13 +81,15 @@ def test_grouped_quantizer_rejects_straddling_groups():
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("centred", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_linear_matches_reference(fmt, centred, dtype):
-    """RTN everywhere: forward, dX and dW equal the reference up to FP32 accumulation order (L = 21: padded)."""
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_grouped_linear_matches_reference(fmt, centred, dtype, hadamard):
+    """RTN everywhere: forward, dX and dW equal the reference up to FP32 accumulation order (L = 21: padded); with
+    the Hadamard rotation of the wgrad operands too."""
     g, length, k, n = 3, 21, 40, 32
     x0, mask = _inputs(g, length, k, seed=11, dtype=dtype)
     w0 = (torch.randn(g, n, k, generator=torch.Generator().manual_seed(12)) * 0.1).to(dtype).to(DEV)
     dy = torch.randn(g, length, n, generator=torch.Generator().manual_seed(13)).to(dtype).to(DEV)
-    recipe = _recipe(fmt, stochastic_rounding="none", mean_center=centred)
+    recipe = _recipe(fmt, stochastic_rounding="none", mean_center=centred, hadamard=hadamard)
     outs = []
     for fn in (grouped_averis_linear, triton_grouped_linear_train):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
@@ -139,7 +141,7 @@ def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
     monkeypatch.delenv("HF_LOWBIT_GROUPED_TRITON", raising=False)
     reload_env_settings()
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
-    TritonBackend().grouped_linear_train(x, w, mask, _recipe("nvfp4", hadamard=True), 0)  # not covered: reference
+    TritonBackend().grouped_linear_train(x, w, mask, _recipe("nvfp4", weight_blocks="2d"), 0)  # not covered
     assert calls == [1]
 
 

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 from hf_lowbit.averis import averis_linear, hadamard_sign_bits, hadamard_signs, hadamard_tokens  # noqa: E402
 from hf_lowbit.config import Recipe  # noqa: E402
-from hf_lowbit.kernels.hadamard import hadamard_col_quantize  # noqa: E402
+from hf_lowbit.kernels.hadamard import grouped_hadamard_col_quantize, hadamard_col_quantize  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend, supports_recipe, triton_linear_train  # noqa: E402
 from hf_lowbit.numerics import dequantize, quantize  # noqa: E402
 
@@ -98,6 +98,38 @@ def test_zeros_and_non_finite_inputs(fmt):
         assert torch.equal(got.isnan(), ref.isnan())
         fin = ref.isfinite()
         assert torch.equal(got[fin], ref[fin])
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", [(3, 32, 48), (2, 64, 40)])
+def test_grouped_rotated_operand_is_bit_exact(fmt, shape):
+    """MoE capacity layout: each group centred by its own mean (zeros for group 2: no centring), masked rows zero
+    before the rotation, rotation within the group, per-group tensor scales; a NaN stays in its group."""
+    g, length, k = shape
+    gen = _gen(sum(shape))
+    mask = torch.ones(g, length)
+    mask[0, length // 2 + 3:] = 0
+    mask[1, 5] = 0
+    x = torch.randn(g, length, k, generator=gen) * 2 + torch.randn(g, 1, k, generator=gen) * 3
+    x[1, 5] = 1e4  # garbage on a masked row: must not leak into its group
+    mean = ((x * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]).float()
+    mean[-1] = 0
+    x, mask, mean = x.to(torch.bfloat16).to(DEV), mask.to(DEV), mean.to(DEV)
+    seed = 4
+    dq, ts = grouped_hadamard_col_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean,
+                                           hadamard_sign_bits(seed), fmt)
+    r = (x.float() - mean[:, None, :]) * mask[..., None]
+    ref = quantize(hadamard_tokens(r, hadamard_signs(seed)), fmt, 1, slices=True)
+    if fmt == "nvfp4":
+        assert torch.equal(ts, ref.tensor_scale.reshape(-1))
+    got = dq.float().reshape(g, length, k) * (ts[:, None, None] if fmt == "nvfp4" else 1.0)
+    assert torch.equal(got, dequantize(ref))
+    x[0, 1, 2] = float("nan")
+    dq, ts = grouped_hadamard_col_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean,
+                                           hadamard_sign_bits(seed), fmt)
+    if fmt == "nvfp4":
+        assert torch.isnan(ts[0]) and torch.isfinite(ts[1:]).all()
+    assert torch.isfinite(dq.float().reshape(g, length, k)[1:]).all()
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
