@@ -224,7 +224,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
             layer = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16, recipe=Recipe(format=fmt),
                                  backend="triton")
             layer.weight.data.copy_(lin.weight.data)
-            impls = ("triton", "cublas")
+            impls = ("triton", "cublas32", "cublas")
             for impl in impls:
                 _setenv("HF_LOWBIT_GEMM", impl)
                 ms = _bench(lambda: step(layer))
@@ -298,9 +298,9 @@ def run_decode(add, formats=("nvfp4", "mxfp4"), reference: bool = True, sweep: b
                 xx = torch.randn(bsz, K, device=dev, dtype=torch.bfloat16)
                 ms_bf = _bench(lambda: F.linear(xx, ws[0]))
                 ms_bf_g = _bench_graph_rotating([lambda w=w: F.linear(xx, w) for w in ws])
-                kernels = ("stream", "fma") if bsz == 1 else ("default",)
+                kernels = (("stream", "fma") if bsz == 1 else ("default",)) + (("mx_dot",) if fmt == "mxfp4" else ())
                 for impl in kernels:
-                    _setenv("HF_LOWBIT_GEMV", impl if bsz == 1 else None)
+                    _setenv("HF_LOWBIT_GEMV", None if impl == "default" else impl)
                     ms_q = _bench(lambda: w4a16_linear(xx, ps[0]))
                     ms_g = _bench_graph_rotating([lambda p=p: w4a16_linear(xx, p) for p in ps])
                     r = {"bf16_us": ms_bf * 1e3, "ratio_speedup": ms_bf / ms_q, "graph_us": ms_g * 1e3,
@@ -312,13 +312,16 @@ def run_decode(add, formats=("nvfp4", "mxfp4"), reference: bool = True, sweep: b
                     add("P5", f"W4A16 decode {fmt} N={N} K={K} batch={bsz} kernel={impl}", ms_q, **r)
                 _setenv("HF_LOWBIT_GEMV", None)
                 if sweep and bsz == 1:
-                    for cfg in ("32,256,4,0", "16,256,4,0", "64,256,4,0", "32,512,4,0", "32,128,4,0", "64,512,8,0",
-                                "32,256,8,0", "16,512,4,0", "32,256,4,1"):
-                        _setenv("HF_LOWBIT_GEMV_CFG", cfg)
-                        ms_g = _bench_graph_rotating([lambda p=p: w4a16_linear(xx, p) for p in ps])
-                        add("P5sweep", f"  stream {fmt} N={N} K={K} cfg={cfg} [graph]", ms_g,
-                            tbs_graph=wbytes / ms_g / 1e9, ratio_speedup_graph=ms_bf_g / ms_g)
+                    for acc in ("block", "elem"):
+                        _setenv("HF_LOWBIT_GEMV_ACC", acc)
+                        for cfg in ("16,256,4,0", "8,256,4,0", "16,128,4,0", "16,256,8,0", "8,512,4,0",
+                                    "32,256,4,0", "4,512,4,0"):
+                            _setenv("HF_LOWBIT_GEMV_CFG", cfg)
+                            ms_g = _bench_graph_rotating([lambda p=p: w4a16_linear(xx, p) for p in ps])
+                            add("P5sweep", f"  stream {fmt} N={N} K={K} cfg={cfg} acc={acc} [graph]", ms_g,
+                                tbs_graph=wbytes / ms_g / 1e9, ratio_speedup_graph=ms_bf_g / ms_g)
                     _setenv("HF_LOWBIT_GEMV_CFG", None)
+                    _setenv("HF_LOWBIT_GEMV_ACC", None)
             del ps
         del ws
         if dev.type == "cuda":

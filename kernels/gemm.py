@@ -228,10 +228,22 @@ def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
     tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with FP32 accumulation and FP32 output (no BF16 rounding of the product): cuBLAS on CUDA."""
+    if a.is_cuda and _HAS_MM_DTYPE:
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
 def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
-                    r2=None, wgrad_tokens: int | None = None) -> torch.Tensor:
-    """Same contract as `scaled_gemm`, via cuBLAS (BF16 output, rounded once before the epilogue) + one pass."""
-    c = torch.mm(a, b.t())
+                    r2=None, wgrad_tokens: int | None = None, fp32_product: bool = False) -> torch.Tensor:
+    """Same contract as `scaled_gemm`, via cuBLAS + one epilogue pass. `fp32_product`: cuBLAS writes the FP32
+    product and the epilogue rounds once (the reference's numerics, up to summation order, like `scaled_gemm`);
+    else the product is rounded to BF16 before the epilogue (half the bytes between the two)."""
+    c = fp32_mm(a, b.t()) if fp32_product else torch.mm(a, b.t())
     M, N = c.shape
     dev = a.device
     dummy = dummy_tensors(dev)[2]

@@ -22,6 +22,9 @@ from hf_lowbit.numerics import PackedTensor
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
 
 MAX_TOKENS = 64
+#: HF_LOWBIT_GEMV: "stream" (default: the streaming 1-token kernel), "fma" (the older 1-4-token FMA kernel for one
+#: token too), "mx_dot" (opt-in: MXFP4 with BF16 activations, ≤ 16 tokens, through tl.dot_scaled; GPU only)
+GEMV_IMPLS = ("stream", "fma", "mx_dot")
 
 
 @triton.jit
@@ -149,11 +152,11 @@ def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, 
 def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, N, K, KP, NK_PER,
                        BN: tl.constexpr, NBLK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ROUND_W: tl.constexpr,
-                       ROUND_BF16: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, PER_BLOCK: tl.constexpr):
     """Decode for 1 token, streaming the packed weight: each iteration loads a [BN, NBLK·B/2] tile of code bytes as
-    contiguous row segments (16-byte vectors), the matching even / odd activations directly in the tile's broadcast
-    shape (no per-iteration layout shuffles), and accumulates code·x·s_b per element in FP32; one reduction at the
-    end, s_t once per output. ROUND_W: the reference's BF16-rounded weights instead."""
+    contiguous row segments (16-byte vectors) and the matching even / odd activations directly in the tile's
+    broadcast shape (no per-iteration layout shuffles); per block Σ code·x in FP32, times s_b into a [BN, NBLK]
+    accumulator; one reduction at the end, s_t once per output. ROUND_W: the reference's BF16-rounded weights."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     HB: tl.constexpr = B // 2
@@ -164,7 +167,10 @@ def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
     blk = tl.arange(0, NBLK)
     if IS_NV:
         ts = tl.load(ts_ptr)
-    acc = tl.zeros([BN, NBLK, HB], dtype=tl.float32)
+    if PER_BLOCK:
+        acc = tl.zeros([BN, NBLK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BN, NBLK, HB], dtype=tl.float32)
     for it in range(NK_PER):
         kb0 = (ps * NK_PER + it) * BKB  # first code byte of this iteration
         byte = kb0 + jb
@@ -184,14 +190,21 @@ def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
         wh = tl.reshape(_e2m1_x2m14(cb >> 4), [BN, NBLK, HB])
         xe3 = tl.reshape(xe, [NBLK, HB])[None, :, :]
         xo3 = tl.reshape(xo, [NBLK, HB])[None, :, :]
-        f = sf[:, :, None]
         if ROUND_W:
+            f = sf[:, :, None]
             if IS_NV:
                 f = f * ts
-            acc += bf16_rne(wl * f) * xe3 + bf16_rne(wh * f) * xo3
+            t = bf16_rne(wl * f) * xe3 + bf16_rne(wh * f) * xo3
         else:
-            acc += (wl * xe3 + wh * xo3) * f
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+            t = wl * xe3 + wh * xo3
+        if PER_BLOCK:  # the block's 8/16 bytes sit in one thread (16-byte loads): the block sum needs no shuffles
+            acc += tl.sum(t, axis=2) if ROUND_W else tl.sum(t, axis=2) * sf
+        else:  # per-element accumulators (more registers, one FMA per byte less)
+            acc += t if ROUND_W else t * sf[:, :, None]
+    if PER_BLOCK:
+        res = tl.sum(acc, axis=1)
+    else:
+        res = tl.sum(tl.sum(acc, axis=2), axis=1)
     if IS_NV and not ROUND_W:
         res = res * ts
     if SPLIT == 1:
@@ -202,6 +215,43 @@ def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
         tl.store(out_ptr + n, res.to(out_ptr.dtype.element_ty), mask=nm)
     else:
         tl.store(part_ptr + ps * N + n, res, mask=nm)
+
+
+@triton.jit
+def _w4a16_mx_dot_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP, NK_PER,
+                         BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """MXFP4 decode (≤ 16 BF16 tokens) through `tl.dot_scaled`: Triton upcasts the E2M1 codes × E8M0 scales to
+    BF16 in registers (its PTX upcast) and multiplies on the tensor cores, out^T = W · x^T, FP32 accumulation:
+    the reference W4A16 numerics (BF16 weights code·2^e, exact) up to summation order. GPU only (the
+    interpreter has no dot_scaled)."""
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    n = pn * BN + tl.arange(0, BN)
+    nm = n < N
+    bb = tl.arange(0, BB)
+    bm = bb < Bsz
+    acc = tl.zeros([BN, BB], dtype=tl.float32)
+    for it in range(NK_PER):
+        k0 = (ps * NK_PER + it) * BK
+        kk = k0 // 2 + tl.arange(0, BK // 2)
+        codes = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + kk[None, :],
+                        mask=nm[:, None] & (kk < KP // 2)[None, :], other=0)
+        kb = k0 // 32 + tl.arange(0, BK // 32)
+        sc = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // 32) + kb[None, :],
+                     mask=nm[:, None] & (kb < KP // 32)[None, :], other=0)
+        k = k0 + tl.arange(0, BK)
+        xt = tl.load(x_ptr + bb[None, :] * sxb + k[:, None] * sxk, mask=bm[None, :] & (k < K)[:, None], other=0.0)
+        acc = tl.dot_scaled(codes, sc, "e2m1", xt.to(tl.bfloat16), None, "bf16", acc)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        if ROUND_BF16:
+            acc = bf16_rne(acc)
+        tl.store(out_ptr + bb[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=nm[:, None] & bm[None, :])
+    else:
+        tl.store(part_ptr + ps * (BB * N) + bb[None, :] * N + n[:, None], acc, mask=nm[:, None] & bm[None, :])
 
 
 @triton.jit
@@ -258,7 +308,7 @@ def _gemv_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     SPLIT" overrides (SPLIT 0 = auto: split K until the grid has ~2 programs per SM)."""
     if interpreting():
         return 16, max(B // 2, 32), 4, (2 if KP >= 128 else 1)
-    bn, nbytes, w, split = 32, 256, 4, 0
+    bn, nbytes, w, split = 16, 256, 4, 0  # H200 sweep (NOTES.md, 2026-11-30 third session): 16×256 fastest
     env = env_setting("HF_LOWBIT_GEMV_CFG")
     if env:
         bn, nbytes, w, split = (int(v) for v in env.split(","))
@@ -296,7 +346,24 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     out = torch.empty((bsz, N), device=dev, dtype=x.dtype)
     bias_t = bias if bias is not None else out
     round_w = x.dtype != torch.float32 and env_setting("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
-    if bsz == 1 and env_setting("HF_LOWBIT_GEMV", "stream") == "stream":
+    impl = env_setting("HF_LOWBIT_GEMV", "stream")
+    if impl not in GEMV_IMPLS:
+        raise ValueError(f"HF_LOWBIT_GEMV={impl!r} is not supported; allowed: {list(GEMV_IMPLS)}")
+    if (impl == "mx_dot" and fmt.name == "mxfp4" and x.dtype == torch.bfloat16 and bsz <= 16 and not interpreting()
+            and not round_w):
+        BN, BK, BB = 64, 256, 16
+        BK = min(BK, max(64, next_pow2(KP)))
+        NK = cdiv(KP, BK)
+        split = 1
+        while cdiv(N, BN) * split < 2 * 132 and split * 2 <= NK:
+            split *= 2
+        nk_per = cdiv(NK, split)
+        split = cdiv(NK, nk_per)
+        part = torch.empty((split, BB, N), device=dev, dtype=torch.float32) if split > 1 else out
+        _w4a16_mx_dot_kernel[(cdiv(N, BN), split)](
+            x2, x2.stride(0), x2.stride(1), w.codes, w.scales, bias_t, out, part, bsz, N, K, KP, nk_per,
+            BN=BN, BK=BK, BB=BB, HAS_BIAS=bias is not None, SPLIT=split, ROUND_BF16=True, num_warps=4)
+    elif bsz == 1 and impl != "fma":
         BN, nbytes, nw, split = _gemv_config(N, KP, B)
         NK = cdiv(KP // 2, nbytes)
         nk_per = cdiv(NK, split)
@@ -306,7 +373,8 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
             x2, x2.stride(1), w.codes, w.scales, ts, bias_t, out, part, N, K, KP,
             tl.constexpr(nk_per) if interpreting() else nk_per,  # the interpreter cannot range() over a runtime int
             BN=BN, NBLK=nbytes // (B // 2), B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
-            ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16, num_warps=nw)
+            ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16,
+            PER_BLOCK=env_setting("HF_LOWBIT_GEMV_ACC", "block") == "block", num_warps=nw)
         BB = 1
     elif bsz <= 4:
         TB = next_pow2(bsz)

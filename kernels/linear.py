@@ -42,9 +42,21 @@ def supports_recipe(recipe: Recipe) -> bool:
             and recipe.format in ("nvfp4", "mxfp4"))
 
 
+GEMM_IMPLS = ("triton", "cublas32", "cublas")
+
+
+def _cublas32(*args, **kw):
+    return cublas_epilogue(*args, fp32_product=True, **kw)
+
+
 def _gemm_fn():
-    """GEMM implementation: fused Triton epilogue (default) or cuBLAS + one epilogue pass (HF_LOWBIT_GEMM=cublas)."""
-    return cublas_epilogue if env_setting("HF_LOWBIT_GEMM", "triton") == "cublas" else scaled_gemm
+    """GEMM implementation (HF_LOWBIT_GEMM): the Triton GEMM with its fused epilogue ("triton", default), cuBLAS
+    with an FP32 product + one epilogue pass ("cublas32": the same numerics), or cuBLAS with a BF16-rounded product
+    + the pass ("cublas": one extra rounding)."""
+    impl = env_setting("HF_LOWBIT_GEMM", "triton")
+    if impl not in GEMM_IMPLS:
+        raise ValueError(f"HF_LOWBIT_GEMM={impl!r} is not supported; allowed: {list(GEMM_IMPLS)}")
+    return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 
 class TritonAverisLinear(torch.autograd.Function):
