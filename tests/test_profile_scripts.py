@@ -101,3 +101,27 @@ def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
         with pytest.raises(SystemExit):
             profile_wrapper_host.main(argv)
         assert match in capsys.readouterr().err
+
+
+def test_quantizer_probe_copy_kernel_and_bad_input(tmp_path, capsys):
+    """scripts/probe_quantizer.py: its tiled copy moves exactly the tile (ragged shape, both outputs, the re-read
+    variant doubles), and bad input is refused before any work."""
+    import probe_quantizer
+
+    from conftest import kernel_test_device
+
+    dev = kernel_test_device()
+    x = torch.randn(40, 70, device=dev).to(torch.bfloat16)
+    y, z = torch.zeros_like(x), torch.zeros_like(x)
+    probe_quantizer._tiled_copy_kernel[(3, 3)](x, y, z, 40, 70, BM=16, BK=32, TWO=True, REREAD=True)
+    assert torch.equal(y, x) and torch.equal(z, x * 2)
+    out = tmp_path / "keep.json"
+    out.write_text("keep")
+    cases = [(["--m", "0"], "--m=0 is not valid"), (["--out", str(out)], "exists")]
+    if not torch.cuda.is_available():
+        cases.append(([], "no CUDA device"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            probe_quantizer.main(argv)
+        assert message in capsys.readouterr().err
+    assert out.read_text() == "keep"
