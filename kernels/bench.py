@@ -101,7 +101,8 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
 
 
 def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes=None, formats=("nvfp4", "mxfp4"),
-              reference: bool = True, print_table: bool = True, sweep: bool = False, skip_gemm: bool = False) -> dict:
+              reference: bool = True, print_table: bool = True, sweep: bool = False, skip_gemm: bool = False,
+              only: tuple[str, ...] | None = None) -> dict:
     import torch
 
     from hf_lowbit.config import Recipe
@@ -120,6 +121,9 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
     res = {"device": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
            "versions": _versions(), "m": m, "shapes_kn": shapes, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "gemm_impl_default": os.environ.get("HF_LOWBIT_GEMM", "triton"), "rows": rows}
+
+    def want(group: str) -> bool:  # `only`: the groups to run (P1, P5, GEMM, P2 = P2 and P3); None: all
+        return only is None or group in only
 
     def add(group, name, ms, **kw):
         r = {"group": group, "name": name, "ms": ms, **kw}
@@ -147,44 +151,46 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
         run_sweep(add, m, copy_tbs)
 
     # ---- P1: fused quantizer -----------------------------------------------------------------------------------
-    M, K = m, 4096
-    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
-    for fmt in formats:
-        B = 16 if fmt == "nvfp4" else 32
-        packed_bytes = M * K // 2 + M * K // B
-        for label, kw, nbytes in [
-            ("row axis (hidden), packed", dict(row=True, col=False), M * K * 2 + packed_bytes),
-            ("col axis (tokens), packed", dict(row=False, col=True), M * K * 2 + packed_bytes),
-            ("both axes, packed", dict(row=True, col=True), M * K * 2 + 2 * packed_bytes),
-            ("both axes, BF16 dq (linear path)", dict(row=True, col=True, row_packed=False, row_dq=True,
-                                                      col_packed=False, col_dq=True, col_sum=True),
-             M * K * 2 * 3),
-        ]:
-            for rnd in ("rtn", "sr"):
-                fn = lambda: averis_quantize(x, fmt, center=True, rounding=rnd, seed=1, **kw)  # noqa: E731
-                ms = _bench(fn)
-                add("P1", f"averis quantize {fmt} {rnd} {label}", ms, tbs=nbytes / ms / 1e9,
-                    pct_copy=100 * nbytes / ms / 1e9 / copy_tbs, shape=f"{M}x{K}")
-        hbits = 0xA5C3
-        mu = x.float().mean(0)
-        ms = _bench(lambda: hadamard_col_quantize(x, mu, hbits, fmt))
-        add("P1", f"Hadamard wgrad operand {fmt} rtn (2 reads + BF16 dq)", ms,
-            tbs=M * K * 2 * 3 / ms / 1e9, shape=f"{M}x{K}")
-        if reference:
-            def ref():
-                xf = x.float()
-                mu = xf.mean(0)
-                quantize(xf - mu, fmt, -1)
-            ms = _bench(ref, warmup=3, rep=50)
-            add("P1", f"torch reference centre+quantize {fmt} row axis", ms,
-                tbs=(M * K * 2 + packed_bytes) / ms / 1e9)
-    del x
+    if want("P1"):
+        M, K = m, 4096
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16) + torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
+        for fmt in formats:
+            B = 16 if fmt == "nvfp4" else 32
+            packed_bytes = M * K // 2 + M * K // B
+            for label, kw, nbytes in [
+                ("row axis (hidden), packed", dict(row=True, col=False), M * K * 2 + packed_bytes),
+                ("col axis (tokens), packed", dict(row=False, col=True), M * K * 2 + packed_bytes),
+                ("both axes, packed", dict(row=True, col=True), M * K * 2 + 2 * packed_bytes),
+                ("both axes, BF16 dq (linear path)", dict(row=True, col=True, row_packed=False, row_dq=True,
+                                                          col_packed=False, col_dq=True, col_sum=True),
+                 M * K * 2 * 3),
+            ]:
+                for rnd in ("rtn", "sr"):
+                    fn = lambda: averis_quantize(x, fmt, center=True, rounding=rnd, seed=1, **kw)  # noqa: E731
+                    ms = _bench(fn)
+                    add("P1", f"averis quantize {fmt} {rnd} {label}", ms, tbs=nbytes / ms / 1e9,
+                        pct_copy=100 * nbytes / ms / 1e9 / copy_tbs, shape=f"{M}x{K}")
+            hbits = 0xA5C3
+            mu = x.float().mean(0)
+            ms = _bench(lambda: hadamard_col_quantize(x, mu, hbits, fmt))
+            add("P1", f"Hadamard wgrad operand {fmt} rtn (2 reads + BF16 dq)", ms,
+                tbs=M * K * 2 * 3 / ms / 1e9, shape=f"{M}x{K}")
+            if reference:
+                def ref():
+                    xf = x.float()
+                    mu = xf.mean(0)
+                    quantize(xf - mu, fmt, -1)
+                ms = _bench(ref, warmup=3, rep=50)
+                add("P1", f"torch reference centre+quantize {fmt} row axis", ms,
+                    tbs=(M * K * 2 + packed_bytes) / ms / 1e9)
+        del x
 
     # ---- P5: decode GEMV ---------------------------------------------------------------------------------------
-    run_decode(add, formats, reference=reference, sweep=sweep)
+    if want("P5"):
+        run_decode(add, formats, reference=reference, sweep=sweep)
 
     # ---- GEMM alone: fused Triton epilogue vs cuBLAS (+ epilogue pass) ------------------------------------------
-    for (K, N) in [] if skip_gemm else shapes[:1] if quick else shapes:
+    for (K, N) in [] if skip_gemm or not want("GEMM") else shapes[:1] if quick else shapes:
         A = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
         Bm = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
         s1 = torch.ones((), device=dev)
@@ -193,15 +199,18 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
         ms_cu = _bench(lambda: A @ Bm.t())
         ms_tr = _bench(lambda: scaled_gemm(A, Bm, torch.bfloat16, s1, s1, vr))
         ms_ce = _bench(lambda: cublas_epilogue(A, Bm, torch.bfloat16, s1, s1, vr))
+        ms_c32 = _bench(lambda: cublas_epilogue(A, Bm, torch.bfloat16, s1, s1, vr, fp32_product=True))
         add("GEMM", f"cuBLAS bf16 M={m} K={K} N={N}", ms_cu, tflops=fl / ms_cu / 1e9)
         add("GEMM", f"Triton scaled_gemm (fused epilogue) M={m} K={K} N={N}", ms_tr, tflops=fl / ms_tr / 1e9,
             vs_cublas=ms_tr / ms_cu)
         add("GEMM", f"cuBLAS + epilogue pass M={m} K={K} N={N}", ms_ce, tflops=fl / ms_ce / 1e9,
             vs_cublas=ms_ce / ms_cu)
+        add("GEMM", f"cuBLAS FP32 product + epilogue pass M={m} K={K} N={N}", ms_c32, tflops=fl / ms_c32 / 1e9,
+            vs_cublas=ms_c32 / ms_cu)
         del A, Bm
 
     # ---- P2 / P3: full layer fwd+bwd ---------------------------------------------------------------------------
-    for (K, N) in shapes:
+    for (K, N) in shapes if want("P2") else []:
         x = (torch.randn(m, K, device=dev, dtype=torch.bfloat16) + 0.5).requires_grad_()
         dy = torch.randn(m, N, device=dev, dtype=torch.bfloat16)
         lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
@@ -227,7 +236,12 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
             impls = ("triton", "cublas32", "cublas")
             for impl in impls:
                 _setenv("HF_LOWBIT_GEMM", impl)
-                ms = _bench(lambda: step(layer))
+                try:
+                    ms = _bench(lambda: step(layer))
+                except Exception as err:  # a first GPU run of an implementation: record why, keep benchmarking
+                    add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} gemm={impl} K={K} N={N} FAILED: "
+                        f"{err!r}"[:300], float("nan"))
+                    continue
                 add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} triton backend (gemm={impl}) "
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9,
                     **(graphed(layer) if impl == "triton" else {}))
@@ -560,6 +574,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep the kernels' tile configs (env overrides)")
     ap.add_argument("--skip-gemm", action="store_true", help="skip the GEMM-alone comparison")
     ap.add_argument("--formats", default="nvfp4,mxfp4")
+    ap.add_argument("--only", default=None, help="comma-separated groups to run: P1, P5, GEMM, P2 (default: all)")
     ap.add_argument("--final", action="store_true", help="the short v2 run: eager and CUDA-graph timings")
     ap.add_argument("--short", action="store_true", help="defaults check: stats cfgs, quantizer/decode defaults, P2")
     ap.add_argument("--decode", action="store_true", help="P5 only (decode GEMV), with the config sweep")
@@ -573,8 +588,12 @@ def main(argv=None) -> int:
     if a.final:
         run_final(a.out, m=a.m)
         return 0
+    groups = ("P1", "P5", "GEMM", "P2")
+    only = tuple(a.only.split(",")) if a.only else None
+    if only and any(g not in groups for g in only):
+        ap.error(f"--only={a.only!r} is not valid; allowed: a comma-separated subset of {list(groups)}")
     run_bench(a.out, quick=a.quick, m=a.m, reference=not a.no_reference, sweep=a.sweep, skip_gemm=a.skip_gemm,
-              formats=tuple(a.formats.split(",")))
+              formats=tuple(a.formats.split(",")), only=only)
     return 0
 
 

@@ -473,3 +473,12 @@ def test_public_reload_reaches_the_kernel_settings(monkeypatch):
     monkeypatch.delenv("HF_LOWBIT_GEMM")
     hk.reload_env_settings()
     assert env_setting("HF_LOWBIT_GEMM", "triton") == "triton"
+
+
+def test_kernel_benchmark_refuses_unknown_groups(capsys):
+    """`scripts/bench.py --only` names the groups it accepts (before any GPU work)."""
+    from hf_lowbit.kernels.bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--only", "P2,P9"])
+    assert "--only='P2,P9' is not valid; allowed" in capsys.readouterr().err
