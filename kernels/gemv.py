@@ -28,6 +28,22 @@ GEMV_IMPLS = ("stream", "fma", "mx_dot")
 
 
 @triton.jit
+def _store_outputs(acc, n, nm, bb, bm, ps, bias_ptr, out_ptr, part_ptr, N, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """acc [BN, BB] (outputs n × tokens bb) → out [tokens, N] (+ bias, rounded once), or this K split's FP32
+    partials for `_splitk_reduce_kernel`."""
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        if ROUND_BF16:
+            acc = bf16_rne(acc)
+        tl.store(out_ptr + bb[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=nm[:, None] & bm[None, :])
+    else:
+        tl.store(part_ptr + ps * (BB * N) + bb[None, :] * N + n[:, None], acc, mask=nm[:, None] & bm[None, :])
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP,
                   NK_PER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, B: tl.constexpr,
                   IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
@@ -67,15 +83,7 @@ def _w4a16_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
             acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(w.to(xt.dtype), xt)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
-        if ROUND_BF16:
-            acc = bf16_rne(acc)
-        tl.store(out_ptr + bb[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=nm[:, None] & bm[None, :])
-    else:
-        tl.store(part_ptr + ps * (BB * N) + bb[None, :] * N + n[:, None], acc, mask=nm[:, None] & bm[None, :])
+    _store_outputs(acc, n, nm, bb, bm, ps, bias_ptr, out_ptr, part_ptr, N, BB, HAS_BIAS, SPLIT, ROUND_BF16)
 
 
 @triton.jit
@@ -243,15 +251,7 @@ def _w4a16_mx_dot_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, bias_ptr, out_ptr, part_
         k = k0 + tl.arange(0, BK)
         xt = tl.load(x_ptr + bb[None, :] * sxb + k[:, None] * sxk, mask=bm[None, :] & (k < K)[:, None], other=0.0)
         acc = tl.dot_scaled(codes, sc, "e2m1", xt.to(tl.bfloat16), None, "bf16", acc)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
-        if ROUND_BF16:
-            acc = bf16_rne(acc)
-        tl.store(out_ptr + bb[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=nm[:, None] & bm[None, :])
-    else:
-        tl.store(part_ptr + ps * (BB * N) + bb[None, :] * N + n[:, None], acc, mask=nm[:, None] & bm[None, :])
+    _store_outputs(acc, n, nm, bb, bm, ps, bias_ptr, out_ptr, part_ptr, N, BB, HAS_BIAS, SPLIT, ROUND_BF16)
 
 
 @triton.jit

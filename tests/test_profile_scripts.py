@@ -64,20 +64,27 @@ def test_experts_profile_tiny(tmp_path):
     assert "experts fwd+bwd" in text and "GroupedAverisLinear" in text  # the FP4 experts op ran and was profiled
 
 
+def _assert_refused(main, cases, capsys, kept: Path) -> None:
+    """Each (argv, message) exits with `message` on stderr before any work; `kept` (an existing --out) survives."""
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    assert kept.read_text() == "keep"
+
+
+def _cuda_cases() -> list:
+    return [] if torch.cuda.is_available() else [([], "no CUDA device")]
+
+
 def test_linear_host_profile_refuses_bad_input_and_a_cpu_only_machine(tmp_path, capsys):
     import profile_linear_host
 
     out = tmp_path / "keep.json"
     out.write_text("keep")
     cases = [(["--k", "8"], "--k=8 is not valid"), (["--iters", "0"], "--iters=0 is not valid"),
-             (["--out", str(out)], "exists")]
-    if not torch.cuda.is_available():
-        cases.append(([], "no CUDA device"))
-    for argv, message in cases:
-        with pytest.raises(SystemExit):
-            profile_linear_host.main(argv)
-        assert message in capsys.readouterr().err
-    assert out.read_text() == "keep"
+             (["--out", str(out)], "exists")] + _cuda_cases()
+    _assert_refused(profile_linear_host.main, cases, capsys, out)
 
 
 def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
@@ -117,11 +124,5 @@ def test_quantizer_probe_copy_kernel_and_bad_input(tmp_path, capsys):
     assert torch.equal(y, x) and torch.equal(z, x * 2)
     out = tmp_path / "keep.json"
     out.write_text("keep")
-    cases = [(["--m", "0"], "--m=0 is not valid"), (["--out", str(out)], "exists")]
-    if not torch.cuda.is_available():
-        cases.append(([], "no CUDA device"))
-    for argv, message in cases:
-        with pytest.raises(SystemExit):
-            probe_quantizer.main(argv)
-        assert message in capsys.readouterr().err
-    assert out.read_text() == "keep"
+    cases = [(["--m", "0"], "--m=0 is not valid"), (["--out", str(out)], "exists")] + _cuda_cases()
+    _assert_refused(probe_quantizer.main, cases, capsys, out)
