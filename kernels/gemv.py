@@ -95,6 +95,16 @@ def _e2m1_x2m14(c):
 
 
 @triton.jit
+def _block_scales_x2p14(s_ptr, n, nm, blk, KP, B: tl.constexpr, IS_NV: tl.constexpr):
+    """Decoded block scales [rows n, blocks blk] × 2^14 (undoing `_e2m1_x2m14`'s 2^-14), FP32."""
+    sb = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // B) + blk[None, :],
+                 mask=nm[:, None] & (blk < KP // B)[None, :], other=0).to(tl.int32)
+    if IS_NV:
+        return e4m3_decode(sb) * 16384.0
+    return e8m0_scale(sb) * 16384.0
+
+
+@triton.jit
 def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP,
                       NK_PER: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TB: tl.constexpr,
                       B: tl.constexpr, IS_NV: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
@@ -119,13 +129,7 @@ def _w4a16_fma_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, 
         cb = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + kb[None, :],
                      mask=nm[:, None] & (kb < KP // 2)[None, :], other=0)
         cb = tl.reshape(cb, [BN, NB, HB]).to(tl.int32)
-        blk = k0 // B + nb
-        sb = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // B) + blk[None, :],
-                     mask=nm[:, None] & (blk < KP // B)[None, :], other=0).to(tl.int32)
-        if IS_NV:
-            sf = e4m3_decode(sb) * 16384.0
-        else:
-            sf = e8m0_scale(sb) * 16384.0
+        sf = _block_scales_x2p14(s_ptr, n, nm, k0 // B + nb, KP, B, IS_NV)
         ke = k0 + tl.arange(0, BK)
         xx = tl.load(x_ptr + tb[:, None] * sxb + ke[None, :] * sxk, mask=tm[:, None] & (ke < K)[None, :],
                      other=0.0).to(tl.float32)
@@ -184,13 +188,7 @@ def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
         byte = kb0 + jb
         cb = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + byte[None, :],
                      mask=nm[:, None] & (byte < KP // 2)[None, :], other=0).to(tl.int32)
-        bi = kb0 // HB + blk
-        sb = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // B) + bi[None, :],
-                     mask=nm[:, None] & (bi < KP // B)[None, :], other=0).to(tl.int32)
-        if IS_NV:
-            sf = e4m3_decode(sb) * 16384.0
-        else:
-            sf = e8m0_scale(sb) * 16384.0
+        sf = _block_scales_x2p14(s_ptr, n, nm, kb0 // HB + blk, KP, B, IS_NV)
         ke = 2 * byte
         xe = tl.load(x_ptr + ke * sxk, mask=ke < K, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + (ke + 1) * sxk, mask=ke + 1 < K, other=0.0).to(tl.float32)
