@@ -120,7 +120,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
     rows: list[dict] = []
     res = {"device": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
            "versions": _versions(), "m": m, "shapes_kn": shapes, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "gemm_impl_default": os.environ.get("HF_LOWBIT_GEMM", "triton"), "rows": rows}
+           "gemm_impl_default": os.environ.get("HF_LOWBIT_GEMM", "cublas32"), "rows": rows}
 
     def want(group: str) -> bool:  # `only`: the groups to run (P1, P5, GEMM, P2 = P2 and P3); None: all
         return only is None or group in only
@@ -244,8 +244,8 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                     continue
                 add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} triton backend (gemm={impl}) "
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9,
-                    **(graphed(layer) if impl == "triton" else {}))
-            _setenv("HF_LOWBIT_GEMM", "triton")
+                    **(graphed(layer) if impl == "cublas32" else {}))
+            _setenv("HF_LOWBIT_GEMM", None)
             if fmt == "nvfp4":  # the random-Hadamard wgrad operands (kernels/hadamard.py): their extra cost
                 layer_h = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16,
                                        recipe=Recipe(format=fmt, hadamard=True), backend="triton")
@@ -312,7 +312,7 @@ def run_decode(add, formats=("nvfp4", "mxfp4"), reference: bool = True, sweep: b
                 xx = torch.randn(bsz, K, device=dev, dtype=torch.bfloat16)
                 ms_bf = _bench(lambda: F.linear(xx, ws[0]))
                 ms_bf_g = _bench_graph_rotating([lambda w=w: F.linear(xx, w) for w in ws])
-                kernels = (("stream", "fma") if bsz == 1 else ("default",)) + (("mx_dot",) if fmt == "mxfp4" else ())
+                kernels = ("stream", "fma") if bsz == 1 else ("default",)
                 for impl in kernels:
                     _setenv("HF_LOWBIT_GEMV", None if impl == "default" else impl)
                     ms_q = _bench(lambda: w4a16_linear(xx, ps[0]))

@@ -22,9 +22,9 @@ from hf_lowbit.numerics import PackedTensor
 __all__ = ["w4a16_linear", "MAX_TOKENS"]
 
 MAX_TOKENS = 64
-#: HF_LOWBIT_GEMV: "stream" (default: the streaming 1-token kernel), "fma" (the older 1-4-token FMA kernel for one
-#: token too), "mx_dot" (opt-in: MXFP4 with BF16 activations, ≤ 16 tokens, through tl.dot_scaled; GPU only)
-GEMV_IMPLS = ("stream", "fma", "mx_dot")
+#: HF_LOWBIT_GEMV: "stream" (default: the streaming 1-token kernel) or "fma" (the older 1-4-token FMA kernel for one
+#: token too). MXFP4 through tl.dot_scaled was measured 3.5-4x slower on an H200 and removed (benchmarks/NOTES.md).
+GEMV_IMPLS = ("stream", "fma")
 
 
 @triton.jit
@@ -224,35 +224,6 @@ def _w4a16_gemv_kernel(x_ptr, sxk, c_ptr, s_ptr, ts_ptr, bias_ptr, out_ptr, part
 
 
 @triton.jit
-def _w4a16_mx_dot_kernel(x_ptr, sxb, sxk, c_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, Bsz, N, K, KP, NK_PER,
-                         BN: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """MXFP4 decode (≤ 16 BF16 tokens) through `tl.dot_scaled`: Triton upcasts the E2M1 codes × E8M0 scales to
-    BF16 in registers (its PTX upcast) and multiplies on the tensor cores, out^T = W · x^T, FP32 accumulation:
-    the reference W4A16 numerics (BF16 weights code·2^e, exact) up to summation order. GPU only (the
-    interpreter has no dot_scaled)."""
-    pn = tl.program_id(0)
-    ps = tl.program_id(1)
-    n = pn * BN + tl.arange(0, BN)
-    nm = n < N
-    bb = tl.arange(0, BB)
-    bm = bb < Bsz
-    acc = tl.zeros([BN, BB], dtype=tl.float32)
-    for it in range(NK_PER):
-        k0 = (ps * NK_PER + it) * BK
-        kk = k0 // 2 + tl.arange(0, BK // 2)
-        codes = tl.load(c_ptr + n[:, None].to(tl.int64) * (KP // 2) + kk[None, :],
-                        mask=nm[:, None] & (kk < KP // 2)[None, :], other=0)
-        kb = k0 // 32 + tl.arange(0, BK // 32)
-        sc = tl.load(s_ptr + n[:, None].to(tl.int64) * (KP // 32) + kb[None, :],
-                     mask=nm[:, None] & (kb < KP // 32)[None, :], other=0)
-        k = k0 + tl.arange(0, BK)
-        xt = tl.load(x_ptr + bb[None, :] * sxb + k[:, None] * sxk, mask=bm[None, :] & (k < K)[:, None], other=0.0)
-        acc = tl.dot_scaled(codes, sc, "e2m1", xt.to(tl.bfloat16), None, "bf16", acc)
-    _store_outputs(acc, n, nm, bb, bm, ps, bias_ptr, out_ptr, part_ptr, N, BB, HAS_BIAS, SPLIT, ROUND_BF16)
-
-
-@triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, N, Bsz, SPLIT: tl.constexpr, BB: tl.constexpr,
                           BN: tl.constexpr, HAS_BIAS: tl.constexpr,
                           ROUND_BF16: tl.constexpr):
@@ -347,21 +318,7 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     impl = env_setting("HF_LOWBIT_GEMV", "stream")
     if impl not in GEMV_IMPLS:
         raise ValueError(f"HF_LOWBIT_GEMV={impl!r} is not supported; allowed: {list(GEMV_IMPLS)}")
-    if (impl == "mx_dot" and fmt.name == "mxfp4" and x.dtype == torch.bfloat16 and bsz <= 16 and not interpreting()
-            and not round_w):
-        BN, BK, BB = 64, 256, 16
-        BK = min(BK, max(64, next_pow2(KP)))
-        NK = cdiv(KP, BK)
-        split = 1
-        while cdiv(N, BN) * split < 2 * 132 and split * 2 <= NK:
-            split *= 2
-        nk_per = cdiv(NK, split)
-        split = cdiv(NK, nk_per)
-        part = torch.empty((split, BB, N), device=dev, dtype=torch.float32) if split > 1 else out
-        _w4a16_mx_dot_kernel[(cdiv(N, BN), split)](
-            x2, x2.stride(0), x2.stride(1), w.codes, w.scales, bias_t, out, part, bsz, N, K, KP, nk_per,
-            BN=BN, BK=BK, BB=BB, HAS_BIAS=bias is not None, SPLIT=split, ROUND_BF16=True, num_warps=4)
-    elif bsz == 1 and impl != "fma":
+    if bsz == 1 and impl == "stream":
         BN, nbytes, nw, split = _gemv_config(N, KP, B)
         NK = cdiv(KP // 2, nbytes)
         nk_per = cdiv(NK, split)

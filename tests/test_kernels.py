@@ -264,26 +264,6 @@ def test_streaming_gemv_equals_the_fma_kernel_and_propagates_nan(fmt, monkeypatc
     assert w4a16_linear(x, p, bias).isnan().all()
 
 
-@pytest.mark.skipif(INTERPRET, reason="the Triton interpreter has no tl.dot_scaled (GPU only)")
-@pytest.mark.parametrize("tokens", [1, 5, 16])
-def test_mx_dot_scaled_decode_matches_reference(tokens, monkeypatch):
-    """HF_LOWBIT_GEMV=mx_dot: MXFP4 decode through tl.dot_scaled equals the reference W4A16 (BF16 weights, FP32
-    accumulation) up to summation order, ragged K and N, with bias."""
-    from hf_lowbit.kernels._common import reload_env_settings
-
-    n, k = 1000, 1560
-    p = quantize(torch.randn(n, k, generator=_gen(15)).to(DEV), "mxfp4", 1)
-    x = torch.randn(tokens, k, generator=_gen(16)).to(torch.bfloat16).to(DEV)
-    bias = torch.randn(n, generator=_gen(17)).to(torch.bfloat16).to(DEV)
-    monkeypatch.setenv("HF_LOWBIT_GEMV", "mx_dot")
-    reload_env_settings()
-    y = w4a16_linear(x, p, bias)
-    monkeypatch.delenv("HF_LOWBIT_GEMV")
-    reload_env_settings()
-    ref = packed_linear(x, p, bias, Recipe(format="mxfp4", activations="none"))
-    assert ((y.float() - ref.float()).norm() / ref.float().norm()) < 8e-3
-
-
 def test_unknown_gemv_switch_is_refused(monkeypatch):
     from hf_lowbit.kernels._common import reload_env_settings
 
