@@ -107,7 +107,7 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
 
     from hf_lowbit.config import Recipe
     from hf_lowbit.kernels.gemm import cublas_epilogue, scaled_gemm
-    from hf_lowbit.kernels.hadamard import hadamard_col_quantize
+    from hf_lowbit.kernels.token_axis import hadamard_col_quantize
     from hf_lowbit.kernels.quantize import averis_quantize
     from hf_lowbit.layers import LowBitLinear
     from hf_lowbit.numerics import quantize
@@ -246,7 +246,12 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9,
                     **(graphed(layer) if impl == "cublas32" else {}))
             _setenv("HF_LOWBIT_GEMM", None)
-            if fmt == "nvfp4":  # the random-Hadamard wgrad operands (kernels/hadamard.py): their extra cost
+            _setenv("HF_LOWBIT_COL_KERNEL", "fused")  # the column operands from the combined row+column launch
+            ms = _bench(lambda: step(layer))
+            add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} (gemm=cublas32, col kernel=fused) K={K} N={N}",
+                ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9)
+            _setenv("HF_LOWBIT_COL_KERNEL", None)
+            if fmt == "nvfp4":  # the random-Hadamard wgrad operands (kernels/token_axis.py): their extra cost
                 layer_h = LowBitLinear(K, N, bias=False, device=dev, dtype=torch.bfloat16,
                                        recipe=Recipe(format=fmt, hadamard=True), backend="triton")
                 layer_h.weight.data.copy_(lin.weight.data)

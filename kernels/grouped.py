@@ -7,7 +7,7 @@ per-group means are quantized by one `group_mean_quantized` launch, and each GEM
 (`gemm.scaled_gemm`, FP32 accumulation) with the tensor scales, the rank-1 mean terms, the padding mask and the
 output cast fused in its epilogue (no FP32 [G, L, N] intermediates). Quantized operands match the reference bit for
 bit (RTN); outputs differ only by FP32 accumulation order; SR draws from Philox instead of torch's generator. With ``hadamard=True`` the wgrad operands are each group's
-rotated residual (`kernels/hadamard.py`, per-group tensor scales) and the token sums of the rank-1 terms are
+rotated residual (`kernels/token_axis.py`, per-group tensor scales) and the token sums of the rank-1 terms are
 weighted by the rotated mask. Recipes the kernels do not cover (2-D weight blocks, block_axis="last", group sizes
 that are not a multiple of the block) fall back to the reference.
 """
@@ -23,8 +23,8 @@ from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
 from hf_lowbit.kernels.gemm import scaled_gemm
-from hf_lowbit.kernels.hadamard import grouped_hadamard_col_quantize
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
+from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 _HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
@@ -130,16 +130,20 @@ def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) 
 def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,
                    recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(row-axis operand, column-axis wgrad operand, the latter's tensor scales) of z [G·lp, K]: the column axis
-    is the rotated residual with its own tensor scales under ``hadamard=True``, else from the same launch."""
-    had = col and recipe.hadamard
-    z_row, z_col = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding, seed31(seed, seed_part),
-                                       row=row, col=col and not had, mx_scale=recipe.mx_scale) \
-        if row or not had else (None, None)
+    """(row-axis operand, token-axis wgrad operand, the latter's tensor scales) of z [G·lp, K]: the token axis from
+    its own launch (`kernels/token_axis.py`: the rotated residual with its own tensor scales under
+    ``hadamard=True``), or with HF_LOWBIT_COL_KERNEL=fused from the same launch as the row axis."""
+    split = col and (recipe.hadamard or split_col_kernel())
+    z_row = z_col = None
+    if row or (col and not split):
+        z_row, z_col = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding, seed31(seed, seed_part),
+                                           row=row, col=col and not split, mx_scale=recipe.mx_scale)
     ts_col = ts
-    if had:
-        z_col, ts_col = grouped_hadamard_col_quantize(z, lp, rowok, mu, hadamard_sign_bits(seed), recipe.format,
-                                                      rounding, seed31(seed, seed_part + 10), recipe.mx_scale)
+    if split:
+        z_col, ts_col = grouped_token_axis_quantize(z, lp, rowok, mu, ts,
+                                                    hadamard_sign_bits(seed) if recipe.hadamard else None,
+                                                    recipe.format, rounding, seed31(seed, seed_part + 10),
+                                                    recipe.mx_scale)
     return z_row, z_col, ts_col
 
 

@@ -10,7 +10,7 @@ rotation of the wgrad operands), with FP32 arithmetic outside the quantizers:
 
 Every operand is quantized along the reduction axis of the GEMM it feeds; the per-tensor scales and all rank-1
 terms are applied in the GEMM epilogue on the device. With ``hadamard=True`` the two wgrad operands are T·R_D and
-T·R_X (`kernels/hadamard.py`, each with its own tensor scale), 1 becomes the rotated ones-vector T·1 in a and b, and
+T·R_X (`kernels/token_axis.py`, each with its own tensor scale), 1 becomes the rotated ones-vector T·1 in a and b, and
 l = ‖T·1‖² stays the token count. Differences from the reference: FP32 summation order inside
 the GEMMs, and SR draws from Philox instead of torch's generator (same distribution, reproducible per seed).
 For backward it keeps the BF16 dequantized wgrad operand of X and the dgrad operand of W (same bytes as the X that
@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import torch
 
+from hf_lowbit.averis import hadamard_sign_bits
 from hf_lowbit.backend import TorchBackend
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import env_setting
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
-from hf_lowbit.kernels.hadamard import hadamard_col_quantize
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
 from hf_lowbit.kernels.mx_fp8 import mx_fp8_linear_train
 from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
-from hf_lowbit.averis import hadamard_sign_bits
+from hf_lowbit.kernels.token_axis import hadamard_col_quantize, split_col_kernel, token_axis_quantize
 from hf_lowbit.numerics import PackedTensor
 
 __all__ = ["TritonBackend", "TritonAverisLinear", "supports_recipe", "triton_linear_train"]
@@ -60,20 +60,38 @@ def _gemm_fn():
     return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 
+def quantize_operand(z: torch.Tensor, recipe: Recipe, center: bool, rounding: str, seed: int, row: bool, col: bool,
+                     col_sum: bool, hadamard_seed: int | None = None) -> tuple:
+    """Quantize a GEMM input z for the linear: the row-axis `AverisQuant` (BF16 dq along the hidden axis, mean,
+    Q(μ), tensor scale) and the column-axis operand (BF16 dq along the first axis, column sums, its tensor scale)
+    or Nones. `hadamard_seed` (the wgrad operands X and dY): rotated when `recipe.hadamard`; W's column operand
+    (dgrad) never is."""
+    rotate = col and recipe.hadamard and hadamard_seed is not None
+    split = col and (rotate or split_col_kernel())
+    q = averis_quantize(z, recipe.format, center=center, rounding=rounding, seed=seed31(seed, 1), row=row,
+                        row_packed=False, row_dq=True, col=col and not split, col_packed=False, col_dq=True,
+                        col_sum=col_sum, mx_scale=recipe.mx_scale)
+    if rotate:
+        c = hadamard_col_quantize(z, q.mean, hadamard_sign_bits(hadamard_seed), recipe.format, rounding,
+                                  seed31(seed, 2), recipe.mx_scale)
+    elif split:
+        c = token_axis_quantize(z, q.mean, q.tensor_scale, recipe.format, rounding, seed31(seed, 2),
+                                recipe.mx_scale, col_sum=col_sum)
+    else:
+        c = (q.col_dq, q.col_sum, q.tensor_scale)
+    return q, tuple(c)
+
+
 class TritonAverisLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                 seed: int) -> torch.Tensor:
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        fmt = recipe.format
         gemm = _gemm_fn()
-        rounding_x = "sr" if recipe.sr_activations else "rtn"
-        qx = averis_quantize(x2d, fmt, center=recipe.center_activations, rounding=rounding_x, seed=seed31(seed, 11),
-                             row=True, row_packed=False, row_dq=True, col=need_wgrad and not recipe.hadamard,
-                             col_packed=False, col_dq=True, col_sum=True, mx_scale=recipe.mx_scale)
-        qw = averis_quantize(weight, fmt, center=False, rounding="sr" if recipe.sr_weights else "rtn",
-                             seed=seed31(seed, 12), row=True, row_packed=False, row_dq=True, col=need_dgrad,
-                             col_packed=False, col_dq=True, mx_scale=recipe.mx_scale)
+        qx, x_col = quantize_operand(x2d, recipe, recipe.center_activations, "sr" if recipe.sr_activations else "rtn",
+                                     seed31(seed, 11), True, need_wgrad, True, seed)
+        qw, w_col = quantize_operand(weight, recipe, False, "sr" if recipe.sr_weights else "rtn", seed31(seed, 12),
+                                     True, need_dgrad, False)
         ts_x, ts_w = qx.tensor_scale, qw.tensor_scale
         vrow = None
         if qx.mean_q is not None:
@@ -83,11 +101,7 @@ class TritonAverisLinear(torch.autograd.Function):
         y = gemm(qx.row_dq, qw.row_dq, x2d.dtype, ts_x, ts_w, vrow)
         ctx.recipe, ctx.seed, ctx.has_bias, ctx.n_tokens = recipe, seed, bias is not None, x2d.shape[0]
         ctx.w_dtype = weight.dtype
-        x_col = (qx.col_dq, qx.col_sum, ts_x)
-        if need_wgrad and recipe.hadamard:
-            x_col = hadamard_col_quantize(x2d, qx.mean, hadamard_sign_bits(seed), fmt, rounding_x, seed31(seed, 14),
-                                          recipe.mx_scale)
-        saved = [*x_col, qx.mean_q, qw.col_dq, ts_w]
+        saved = [*x_col, qx.mean_q, w_col[0], ts_w]
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(*[t for t in saved if t is not None])
         return y
@@ -100,17 +114,11 @@ class TritonAverisLinear(torch.autograd.Function):
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gemm = _gemm_fn()
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        rounding_d = "sr" if recipe.sr_gradients else "rtn"
-        qd = averis_quantize(dy, recipe.format, center=recipe.center_gradients, rounding=rounding_d,
-                             seed=seed31(ctx.seed, 13), row=need_dgrad, row_packed=False, row_dq=True,
-                             col=need_wgrad and not recipe.hadamard, col_packed=False, col_dq=True, col_sum=True,
-                             mx_scale=recipe.mx_scale)
+        qd, (d_col, d_sum, ts_dc) = quantize_operand(dy, recipe, recipe.center_gradients,
+                                                     "sr" if recipe.sr_gradients else "rtn", seed31(ctx.seed, 13),
+                                                     need_dgrad, need_wgrad, True, ctx.seed)
         ts_d = qd.tensor_scale
         mu_d_q = qd.mean_q
-        d_col, d_sum, ts_dc = qd.col_dq, qd.col_sum, ts_d
-        if need_wgrad and recipe.hadamard:
-            d_col, d_sum, ts_dc = hadamard_col_quantize(dy, qd.mean, hadamard_sign_bits(ctx.seed), recipe.format,
-                                                        rounding_d, seed31(ctx.seed, 15), recipe.mx_scale)
         dx = dw = db = None
         if need_dgrad:
             vrow = matvec(wc, mu_d_q, scale=ts_w, transpose=True) if mu_d_q is not None else None

@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                               ("row axis packed", dict(row=True), mb * 0.28)):
         ms = _graph_ms(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
         add(f"averis_quantize nvfp4 rtn {label} (stats + quantize)", ms, 2 * mb + out_mb)
+    from hf_lowbit.kernels.token_axis import token_axis_quantize
+
+    def split_both() -> None:  # what the linear runs now: row launch + the token-axis launch
+        q = averis_quantize(x, "nvfp4", center=True, row=True, row_packed=False, row_dq=True)
+        token_axis_quantize(x, q.mean, q.tensor_scale, "nvfp4")
+
+    add("split: row launch + token-axis launch, both BF16 dq + col sums", _graph_ms(split_both), 3 * mb + 2 * mb)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "m": M, "k": K, "torch": torch.__version__,

@@ -384,8 +384,8 @@ def test_per_call_integers_are_not_specialized_on():
     wgrad, whose trip count NUM_K is a runtime argument, not a constexpr) must not be Triton specialization keys:
     each new value class would compile another kernel variant in the middle of training. Checked on the compiled
     (non-interpreter) kernel objects, in a subprocess without TRITON_INTERPRET."""
-    code = ("from hf_lowbit.kernels import quantize as q, gemm as g, hadamard as h\n"
-            "for k in (q._quant_kernel, g._gemm_kernel, h._hadamard_amax_kernel, h._hadamard_quant_kernel):\n"
+    code = ("from hf_lowbit.kernels import quantize as q, gemm as g, token_axis as h\n"
+            "for k in (q._quant_kernel, g._gemm_kernel, h._hadamard_amax_kernel, h._token_axis_quant_kernel):\n"
             "    print(sorted(p.name for p in k.params if p.do_not_specialize))\n"
             "print([p.is_constexpr for p in g._gemm_kernel.params if p.name == 'NUM_K'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,5 +1,6 @@
-"""The random-Hadamard wgrad operand kernels (`kernels/hadamard.py`) vs the reference rotation + quantizer, and the
-Triton linear with ``hadamard=True`` vs the reference Averis op. CPU under TRITON_INTERPRET=1, or a CUDA GPU."""
+"""The token-axis (wgrad operand) kernels of `kernels/token_axis.py` vs the reference quantizer, plain and with the
+random Hadamard rotation, and the Triton linear with ``hadamard=True`` and with either column kernel vs the reference
+Averis op. CPU under TRITON_INTERPRET=1, or a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ triton = pytest.importorskip("triton")
 
 from hf_lowbit.averis import averis_linear, hadamard_sign_bits, hadamard_signs, hadamard_tokens  # noqa: E402
 from hf_lowbit.config import Recipe  # noqa: E402
-from hf_lowbit.kernels.hadamard import grouped_hadamard_col_quantize, hadamard_col_quantize  # noqa: E402
+from hf_lowbit.kernels.quantize import averis_quantize  # noqa: E402
+from hf_lowbit.kernels.token_axis import (grouped_token_axis_quantize, hadamard_col_quantize,  # noqa: E402
+                                          token_axis_quantize)
 from hf_lowbit.kernels.linear import TritonBackend, supports_recipe, triton_linear_train  # noqa: E402
 from hf_lowbit.numerics import dequantize, quantize  # noqa: E402
 
@@ -45,6 +48,50 @@ def _check_against_reference(x: torch.Tensor, fmt: str, center: bool, seed: int 
     assert torch.equal(got, padded), (got - padded).abs().max()
     col_sum = (ones[:, None] * ref[:ones.shape[0]]).sum(0)  # FP32, another summation order than the kernel's
     torch.testing.assert_close(out.col_sum * ts, col_sum, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("center", [True, False])
+def test_plain_token_axis_operand_is_bit_exact(fmt, shape, center):
+    """The split column kernel: R (centred by the row launch's mean) in blocks along tokens with the row launch's
+    tensor scale equals the reference quantizer along axis 0; column sums equal the dq's up to summation order."""
+    g = _gen(5)
+    x = (torch.randn(*shape, generator=g) * 2 + torch.randn(shape[1], generator=g) * 4)
+    x[1, 0] = -70.0
+    x = x.to(torch.bfloat16).to(DEV)
+    q = averis_quantize(x, fmt, center=center, row=True, row_packed=False, row_dq=True)
+    r = x.float() - q.mean if center else x.float()
+    out = token_axis_quantize(x, q.mean, q.tensor_scale, fmt)
+    ref = quantize(r, fmt, axis=0)
+    ts = q.tensor_scale if fmt == "nvfp4" else torch.ones((), device=DEV)
+    if fmt == "nvfp4":
+        assert torch.equal(ts.reshape(()), ref.tensor_scale.reshape(())) and out.tensor_scale is q.tensor_scale
+    assert out.dq.shape == x.shape and torch.equal(out.dq.float() * ts, dequantize(ref))
+    torch.testing.assert_close(out.col_sum, out.dq.float().sum(0), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="needs the tensor scale"):
+        token_axis_quantize(x, q.mean, None, "nvfp4")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_plain_grouped_token_axis_operand_is_bit_exact(fmt):
+    """MoE capacity layout without rotation: per-group mean, per-group tensor scale given, masked rows zero."""
+    g, length, k = 3, 32, 40
+    gen = _gen(21)
+    mask = torch.ones(g, length)
+    mask[0, 20:] = 0
+    x = torch.randn(g, length, k, generator=gen) * 3 + torch.randn(g, 1, k, generator=gen)
+    x[0, 25] = 1e4  # garbage on a masked row
+    mean = ((x * mask[..., None]).sum(1) / mask.sum(1)[:, None]).float()
+    x, mask, mean = x.to(torch.bfloat16).to(DEV), mask.to(DEV), mean.to(DEV)
+    r = (x.float() - mean[:, None, :]) * mask[..., None]
+    ref = quantize(r, fmt, 1, slices=True)
+    ts = ref.tensor_scale.reshape(-1) if fmt == "nvfp4" else None
+    dq, ts_out = grouped_token_axis_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean, ts,
+                                             None, fmt)
+    assert (ts_out is None) == (fmt == "mxfp4")
+    got = dq.float().reshape(g, length, k) * (ts[:, None, None] if fmt == "nvfp4" else 1.0)
+    assert torch.equal(got, dequantize(ref))
 
 
 def test_reference_rotation_is_the_scaled_sylvester_matrix_with_the_seeds_signs():
@@ -116,8 +163,8 @@ def test_grouped_rotated_operand_is_bit_exact(fmt, shape):
     mean[-1] = 0
     x, mask, mean = x.to(torch.bfloat16).to(DEV), mask.to(DEV), mean.to(DEV)
     seed = 4
-    dq, ts = grouped_hadamard_col_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean,
-                                           hadamard_sign_bits(seed), fmt)
+    dq, ts = grouped_token_axis_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean, None,
+                                         hadamard_sign_bits(seed), fmt)
     r = (x.float() - mean[:, None, :]) * mask[..., None]
     ref = quantize(hadamard_tokens(r, hadamard_signs(seed)), fmt, 1, slices=True)
     if fmt == "nvfp4":
@@ -125,8 +172,8 @@ def test_grouped_rotated_operand_is_bit_exact(fmt, shape):
     got = dq.float().reshape(g, length, k) * (ts[:, None, None] if fmt == "nvfp4" else 1.0)
     assert torch.equal(got, dequantize(ref))
     x[0, 1, 2] = float("nan")
-    dq, ts = grouped_hadamard_col_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean,
-                                           hadamard_sign_bits(seed), fmt)
+    dq, ts = grouped_token_axis_quantize(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mean, None,
+                                         hadamard_sign_bits(seed), fmt)
     if fmt == "nvfp4":
         assert torch.isnan(ts[0]) and torch.isfinite(ts[1:]).all()
     assert torch.isfinite(dq.float().reshape(g, length, k)[1:]).all()
@@ -153,8 +200,14 @@ def test_stochastic_rounding_is_seeded_and_unbiased(fmt):
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("center", [True, False])
-def test_linear_with_hadamard_matches_reference(fmt, center):
-    """fprop, dgrad and wgrad (rotated operands, rotated ones-vector in the rank-1 terms) against the reference."""
+@pytest.mark.parametrize("col_kernel", ["split", "fused"])
+def test_linear_with_hadamard_matches_reference(fmt, center, col_kernel, monkeypatch):
+    """fprop, dgrad and wgrad (rotated operands, rotated ones-vector in the rank-1 terms) against the reference;
+    the plain linear beside it through either column kernel (HF_LOWBIT_COL_KERNEL)."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    monkeypatch.setenv("HF_LOWBIT_COL_KERNEL", col_kernel)
+    reload_env_settings()
     rec = Recipe(format=fmt, hadamard=True, sr_gradients=False, center_activations=center, center_gradients=center)
     assert supports_recipe(rec)  # the Triton path, not the reference fallback
     m, k, n = (45, 64, 32) if DEV == "cpu" else (509, 768, 384)  # ragged tokens: a partial 16-token group
@@ -176,5 +229,18 @@ def test_linear_with_hadamard_matches_reference(fmt, center):
     plain = Recipe(format=fmt, sr_gradients=False, center_activations=center, center_gradients=center)
     x.grad = None
     w2 = w.detach().clone().requires_grad_()
-    triton_linear_train(x, w2, None, plain, 3).backward(dy)
+    y2 = triton_linear_train(x, w2, None, plain, 3)
+    y2.backward(dy)
     assert not torch.equal(w2.grad, got[2])  # the rotation changes the quantized wgrad
+    got_plain = (y2.detach(), x.grad, w2.grad)
+    x.grad = w2.grad = None
+    yr2 = averis_linear(x, w2, None, plain, 3)
+    yr2.backward(dy)
+    for a, r in zip(got_plain, (yr2.detach(), x.grad, w2.grad)):
+        assert ((a - r).norm() / r.norm()) < tol
+    monkeypatch.setenv("HF_LOWBIT_COL_KERNEL", "both")
+    reload_env_settings()
+    with pytest.raises(ValueError, match="HF_LOWBIT_COL_KERNEL='both'.*allowed"):
+        triton_linear_train(x, w2, None, plain, 3)
+    monkeypatch.delenv("HF_LOWBIT_COL_KERNEL")
+    reload_env_settings()
