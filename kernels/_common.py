@@ -62,6 +62,14 @@ def env_setting(name: str, default: str | None = None) -> str | None:
     return default if value is None else value
 
 
+def env_choice(name: str, allowed: tuple[str, ...]) -> str:
+    """A switch restricted to `allowed` (the first is the default): any other value is refused by name."""
+    value = env_setting(name, allowed[0])
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(allowed)}")
+    return value
+
+
 def reload_env_settings() -> None:
     """Forget the cached ``HF_LOWBIT_*`` switches so that the next launch reads the environment again."""
     _SETTINGS.clear()

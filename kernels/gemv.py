@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, env_setting,
+from hf_lowbit.kernels._common import (bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, env_choice, env_setting,
                                        interpreting, next_pow2)
 from hf_lowbit.numerics import PackedTensor
 
@@ -314,10 +314,8 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
     ts = w.tensor_scale.float().reshape(1) if is_nv else torch.empty(1, device=dev, dtype=torch.float32)
     out = torch.empty((bsz, N), device=dev, dtype=x.dtype)
     bias_t = bias if bias is not None else out
-    round_w = x.dtype != torch.float32 and env_setting("HF_LOWBIT_W4A16_ROUND_W", "0") == "1"
-    impl = env_setting("HF_LOWBIT_GEMV", "stream")
-    if impl not in GEMV_IMPLS:
-        raise ValueError(f"HF_LOWBIT_GEMV={impl!r} is not supported; allowed: {list(GEMV_IMPLS)}")
+    round_w = x.dtype != torch.float32 and env_choice("HF_LOWBIT_W4A16_ROUND_W", ("0", "1")) == "1"
+    impl = env_choice("HF_LOWBIT_GEMV", GEMV_IMPLS)
     if bsz == 1 and impl == "stream":
         BN, nbytes, nw, split = _gemv_config(N, KP, B)
         NK = cdiv(KP // 2, nbytes)
@@ -329,7 +327,7 @@ def w4a16_linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None = N
             tl.constexpr(nk_per) if interpreting() else nk_per,  # the interpreter cannot range() over a runtime int
             BN=BN, NBLK=nbytes // (B // 2), B=B, IS_NV=is_nv, HAS_BIAS=bias is not None, SPLIT=split,
             ROUND_W=round_w, ROUND_BF16=x.dtype == torch.bfloat16,
-            PER_BLOCK=env_setting("HF_LOWBIT_GEMV_ACC", "block") == "block", num_warps=nw)
+            PER_BLOCK=env_choice("HF_LOWBIT_GEMV_ACC", ("block", "elem")) == "block", num_warps=nw)
         BB = 1
     elif bsz <= 4:
         TB = next_pow2(bsz)

@@ -25,7 +25,7 @@ import torch
 from hf_lowbit.averis import hadamard_sign_bits
 from hf_lowbit.backend import TorchBackend
 from hf_lowbit.config import Recipe
-from hf_lowbit.kernels._common import env_setting
+from hf_lowbit.kernels._common import env_choice
 from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
@@ -42,7 +42,7 @@ def supports_recipe(recipe: Recipe) -> bool:
             and recipe.format in ("nvfp4", "mxfp4"))
 
 
-GEMM_IMPLS = ("triton", "cublas32", "cublas")
+GEMM_IMPLS = ("cublas32", "triton", "cublas")  # the first is the default
 
 
 def _cublas32(*args, **kw):
@@ -54,9 +54,7 @@ def _gemm_fn():
     an NVFP4 layer fwd+bwd 18-23% faster than "triton" on an H200, benchmarks/NOTES.md), the Triton GEMM with its
     fused epilogue ("triton": the same numerics up to summation order), or cuBLAS with a BF16-rounded product + the
     pass ("cublas": one extra rounding)."""
-    impl = env_setting("HF_LOWBIT_GEMM", "cublas32")
-    if impl not in GEMM_IMPLS:
-        raise ValueError(f"HF_LOWBIT_GEMM={impl!r} is not supported; allowed: {list(GEMM_IMPLS)}")
+    impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
     return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 
@@ -149,7 +147,7 @@ class TritonBackend(TorchBackend):
             return super().linear_train(x, weight, bias, recipe, seed)
         # MXFP4 on FP8 tensor cores (exact): opt-in until measured on a GPU (benchmarks/NOTES.md), HF_LOWBIT_MX_FP8=1
         fn = mx_fp8_linear_train if (recipe.format == "mxfp4" and not recipe.hadamard
-                                     and env_setting("HF_LOWBIT_MX_FP8") == "1") else triton_linear_train
+                                     and env_choice("HF_LOWBIT_MX_FP8", ("0", "1")) == "1") else triton_linear_train
         if torch.is_autocast_enabled(x.device.type):  # the op's arithmetic is FP32/BF16 by itself (as reference)
             with torch.autocast(x.device.type, enabled=False):
                 return fn(x, weight, bias, recipe, seed)
@@ -157,7 +155,7 @@ class TritonBackend(TorchBackend):
 
     def grouped_linear_train(self, x, weight, mask, recipe, seed):
         # default since its H200 run (4.3x faster than the reference, benchmarks/NOTES.md); =0 forces the reference
-        if env_setting("HF_LOWBIT_GROUPED_TRITON") == "0" or not supports_grouped(x, weight, recipe):
+        if env_choice("HF_LOWBIT_GROUPED_TRITON", ("1", "0")) == "0" or not supports_grouped(x, weight, recipe):
             return super().grouped_linear_train(x, weight, mask, recipe, seed)
         with torch.autocast(x.device.type, enabled=False):  # the op's arithmetic is FP32/BF16 by itself
             return triton_grouped_linear_train(x, weight, mask, recipe, seed)

@@ -30,23 +30,20 @@ import triton.language as tl
 
 from hf_lowbit.averis import HADAMARD_BLOCK
 from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       env_setting, interpreting, round_e2m1)
+                                       env_choice, interpreting, round_e2m1)
 from hf_lowbit.kernels.quantize import _nv_codes, _nv_scales, _nv_tensor_scale, _fast
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 __all__ = ["TokenAxisOperand", "grouped_token_axis_quantize", "hadamard_col_quantize", "split_col_kernel",
            "token_axis_quantize"]
 
-COL_KERNELS = ("split", "fused")
+COL_KERNELS = ("split", "fused")  # the first is the default
 
 
 def split_col_kernel() -> bool:
     """HF_LOWBIT_COL_KERNEL: the token-axis (wgrad / dgrad-weight) operand from its own launch here ("split",
     default) or from the combined row + column launch of `kernels/quantize.py` ("fused")."""
-    impl = env_setting("HF_LOWBIT_COL_KERNEL", "split")
-    if impl not in COL_KERNELS:
-        raise ValueError(f"HF_LOWBIT_COL_KERNEL={impl!r} is not supported; allowed: {list(COL_KERNELS)}")
-    return impl == "split"
+    return env_choice("HF_LOWBIT_COL_KERNEL", COL_KERNELS) == "split"
 
 
 @triton.jit

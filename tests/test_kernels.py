@@ -462,3 +462,28 @@ def test_kernel_benchmark_refuses_unknown_groups(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "P2,P9"])
     assert "--only='P2,P9' is not valid; allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,call", [
+    ("HF_LOWBIT_MX_FP8", "dense_mxfp4"), ("HF_LOWBIT_GROUPED_TRITON", "grouped"), ("HF_LOWBIT_GEMV_ACC", "decode"),
+    ("HF_LOWBIT_W4A16_ROUND_W", "decode")])
+def test_switches_refuse_values_they_do_not_know(name, call, monkeypatch):
+    """A mistyped switch (e.g. "true" for "1") is refused by name instead of silently meaning off."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    monkeypatch.setenv(name, "true")
+    reload_env_settings()
+    g = _gen(30)
+    with pytest.raises(ValueError, match=f"{name}='true' is not supported; allowed"):
+        if call == "dense_mxfp4":
+            x = torch.randn(16, 64, generator=g).to(DEV)
+            TritonBackend().linear_train(x, torch.randn(32, 64, generator=g).to(DEV), None, Recipe(format="mxfp4"), 0)
+        elif call == "grouped":
+            x = torch.randn(2, 16, 32, generator=g).to(DEV)
+            TritonBackend().grouped_linear_train(x, torch.randn(2, 32, 32, generator=g).to(DEV),
+                                                 torch.ones(2, 16, device=DEV), Recipe(format="nvfp4"), 0)
+        else:
+            p = quantize(torch.randn(32, 64, generator=g).to(DEV), "nvfp4", 1)
+            w4a16_linear(torch.randn(1, 64, generator=g).to(DEV).to(torch.bfloat16), p)
+    monkeypatch.delenv(name)
+    reload_env_settings()
