@@ -246,9 +246,9 @@ def run_bench(out: str | None = None, quick: bool = False, m: int = 8192, shapes
                     f"K={K} N={N}", ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9,
                     **(graphed(layer) if impl == "cublas32" else {}))
             _setenv("HF_LOWBIT_GEMM", None)
-            _setenv("HF_LOWBIT_COL_KERNEL", "fused")  # the column operands from the combined row+column launch
+            _setenv("HF_LOWBIT_COL_KERNEL", "split")  # the column operands from their own launch (opt-in)
             ms = _bench(lambda: step(layer))
-            add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} (gemm=cublas32, col kernel=fused) K={K} N={N}",
+            add("P2" if fmt == "nvfp4" else "P3", f"LowBitLinear {fmt} (gemm=cublas32, col kernel=split) K={K} N={N}",
                 ms, ratio_bf16=ms / ms_bf, tflops=fl / ms / 1e9)
             _setenv("HF_LOWBIT_COL_KERNEL", None)
             if fmt == "nvfp4":  # the random-Hadamard wgrad operands (kernels/token_axis.py): their extra cost

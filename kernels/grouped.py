@@ -131,8 +131,8 @@ def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tens
                    recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(row-axis operand, token-axis wgrad operand, the latter's tensor scales) of z [G·lp, K]: the token axis from
-    its own launch (`kernels/token_axis.py`: the rotated residual with its own tensor scales under
-    ``hadamard=True``), or with HF_LOWBIT_COL_KERNEL=fused from the same launch as the row axis."""
+    the same launch as the row axis, or from its own (`kernels/token_axis.py`): always for the rotated residual
+    (``hadamard=True``, its own tensor scales), else with HF_LOWBIT_COL_KERNEL=split."""
     split = col and (recipe.hadamard or split_col_kernel())
     z_row = z_col = None
     if row or (col and not split):

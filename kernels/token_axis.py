@@ -3,8 +3,8 @@
 The wgrad GEMM reduces over tokens, so its operands are quantized in blocks of B tokens. `token_axis_quantize`
 writes the exact BF16 ``code × block scale`` of R = Z − 1·μ (tensor scale given: the one of the row-axis launch)
 and its per-column sums (the wgrad rank-1 mean terms), from [BM, BK] tiles viewed as [BM/B, B, BK]: one read of Z.
-Measured on an H200 this simple tile layout runs the column axis faster than the combined row + column kernel of
-`kernels/quantize.py` (benchmarks/NOTES.md), which keeps the packed column codes.
+Opt-in (``HF_LOWBIT_COL_KERNEL=split``): on an H200 it was slower for NVFP4 than the column branch of the combined
+row + column kernel of `kernels/quantize.py` (benchmarks/NOTES.md, 2026-11-30 call 5), which stays the default.
 
 With ``LowBitConfig(hadamard=True)`` both operands are ``T·R`` (T = H16·diag(signs)/4 applied to each 16-token
 group, `hf_lowbit.averis.hadamard_tokens`): `hadamard_col_quantize` runs two launches, each reading Z once, neither
@@ -37,12 +37,13 @@ from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_f
 __all__ = ["TokenAxisOperand", "grouped_token_axis_quantize", "hadamard_col_quantize", "split_col_kernel",
            "token_axis_quantize"]
 
-COL_KERNELS = ("split", "fused")  # the first is the default
+COL_KERNELS = ("fused", "split")  # the first is the default
 
 
 def split_col_kernel() -> bool:
-    """HF_LOWBIT_COL_KERNEL: the token-axis (wgrad / dgrad-weight) operand from its own launch here ("split",
-    default) or from the combined row + column launch of `kernels/quantize.py` ("fused")."""
+    """HF_LOWBIT_COL_KERNEL: the token-axis (wgrad / dgrad-weight) operand from the combined row + column launch of
+    `kernels/quantize.py` ("fused", default) or from its own launch here ("split": measured slower on an H200 for
+    NVFP4, 374 vs 332 µs per 8192×4096 operand pair, benchmarks/NOTES.md; the rotated operand always uses it)."""
     return env_choice("HF_LOWBIT_COL_KERNEL", COL_KERNELS) == "split"
 
 
