@@ -247,11 +247,15 @@ def _config(N: int, NK: int, bsz: int) -> tuple[int, int, int]:
     if interpreting():
         return 16, 64, (2 if NK >= 2 else 1)
     bn = 32 if bsz <= 16 else 64
-    n_tiles = cdiv(N, bn)
+    return bn, 256, _auto_split(cdiv(N, bn), NK, 3 * 132)
+
+
+def _auto_split(n_tiles: int, nk: int, programs: int) -> int:
+    """Split-K factor (a power of two ≤ the K iterations `nk`) that brings the grid to about `programs` programs."""
     split = 1
-    while n_tiles * split < 3 * 132 and split * 2 <= NK:
+    while n_tiles * split < programs and split * 2 <= nk:
         split *= 2
-    return bn, 256, split
+    return split
 
 
 def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
@@ -265,10 +269,7 @@ def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     bk = max(B, min(bk, next_pow2(KP)))
     nk = cdiv(KP, bk)
     if split <= 0:
-        n_tiles = cdiv(N, bn)
-        split = 1
-        while n_tiles * split < 4 * 132 and split * 2 <= nk:
-            split *= 2
+        split = _auto_split(cdiv(N, bn), nk, 4 * 132)
     return bn, bk, w, min(split, nk)
 
 
@@ -284,10 +285,7 @@ def _gemv_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     nbytes = max(B // 2, min(nbytes, next_pow2(KP // 2)))
     nk = cdiv(KP // 2, nbytes)
     if split <= 0:
-        n_tiles = cdiv(N, bn)
-        split = 1
-        while n_tiles * split < 2 * 132 and split * 2 <= nk:
-            split *= 2
+        split = _auto_split(cdiv(N, bn), nk, 2 * 132)
     return bn, nbytes, w, min(split, nk)
 
 

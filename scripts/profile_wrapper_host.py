@@ -7,7 +7,8 @@ On an H200 host one FP4 `LowBitLinear` fwd+bwd enqueues for ~1.9 ms while the GP
 (`profile_linear_host.py`, benchmarks/NOTES.md): at hidden sizes ~1024 training is host-bound. Part of that host
 time is Triton's launch path and the driver, part is our own Python around the ~16 launches (allocations, views,
 environment reads, argument marshalling). This script isolates the second part: every Triton kernel of
-`hf_lowbit.kernels` is replaced by a recorder that only counts launches, the tensors live on the CPU, and the
+`hf_lowbit.kernels` (and the cuBLAS product of the default GEMM) is replaced by a recorder that only counts
+launches, the tensors live on the CPU, and the
 Averis linear fwd+bwd runs as usual. What remains is the wrappers' cost, comparable before/after a change on one
 machine (it does not predict the GPU host's absolute time). `--rows` prints a cProfile of the loop.
 """
@@ -47,14 +48,21 @@ def stubbed_kernels(launches: list[str]) -> Iterator[None]:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from hf_lowbit.kernels import gemm, gemv, grouped, quantize
+    from hf_lowbit.kernels import gemm, gemv, grouped, quantize, token_axis
 
     saved = []
-    for mod in (quantize, gemm, gemv, grouped):
+    for mod in (quantize, gemm, gemv, grouped, token_axis):
         for name, obj in vars(mod).items():
             if isinstance(obj, (JITFunction, InterpretedFunction)):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(name, launches))
+
+    def cublas_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # the cuBLAS product: a launch, no compute
+        launches.append("cublas_mm")
+        return torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
+
+    saved.append((gemm, "fp32_mm", gemm.fp32_mm))
+    gemm.fp32_mm = cublas_mm
     bench = triton.testing.do_bench
     triton.testing.do_bench = lambda fn, warmup=0, rep=0, **kw: (fn(), 1.0)[1]
     try:

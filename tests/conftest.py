@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -98,6 +99,21 @@ def saved_tensors(path) -> dict:
             with safe_open(os.path.join(path, name), "pt") as f:
                 out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+@contextlib.contextmanager
+def kernel_switch(monkeypatch, name: str, value: str):
+    """An ``HF_LOWBIT_*`` kernel switch set to `value` for the block (the kernels cache their switches: reloaded on
+    entry and exit)."""
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    monkeypatch.setenv(name, value)
+    reload_env_settings()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(name)
+        reload_env_settings()
 
 
 def kernel_test_device() -> str:

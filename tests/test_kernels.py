@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kernel_test_device
+from conftest import kernel_switch, kernel_test_device
 
 DEV = kernel_test_device()
 INTERPRET = DEV == "cpu"
@@ -265,15 +265,10 @@ def test_streaming_gemv_equals_the_fma_kernel_and_propagates_nan(fmt, monkeypatc
 
 
 def test_unknown_gemv_switch_is_refused(monkeypatch):
-    from hf_lowbit.kernels._common import reload_env_settings
-
     p = quantize(torch.randn(32, 64, generator=_gen(18)).to(DEV), "nvfp4", 1)
-    monkeypatch.setenv("HF_LOWBIT_GEMV", "fast")
-    reload_env_settings()
-    with pytest.raises(ValueError, match="HF_LOWBIT_GEMV='fast'.*allowed"):
+    with kernel_switch(monkeypatch, "HF_LOWBIT_GEMV", "fast"), \
+            pytest.raises(ValueError, match="HF_LOWBIT_GEMV='fast'.*allowed"):
         w4a16_linear(torch.randn(1, 64, device=DEV), p)
-    monkeypatch.delenv("HF_LOWBIT_GEMV")
-    reload_env_settings()
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
@@ -328,12 +323,9 @@ def test_linear_through_the_cublas_gemms_matches_the_triton_gemm(monkeypatch):
     for impl, tol in (("cublas32", 1e-5), ("cublas", 1e-2)):
         for a, r in zip(results[impl], results["triton"]):
             assert ((a - r).norm() / r.norm()) < tol, impl
-    monkeypatch.setenv("HF_LOWBIT_GEMM", "cutlass")
-    reload_env_settings()
-    with pytest.raises(ValueError, match="HF_LOWBIT_GEMM='cutlass'.*allowed"):
-        triton_linear_train(x, w, None, rec, 0)
     monkeypatch.delenv("HF_LOWBIT_GEMM")
-    reload_env_settings()
+    with kernel_switch(monkeypatch, "HF_LOWBIT_GEMM", "cutlass"), pytest.raises(ValueError, match="allowed"):
+        triton_linear_train(x, w, None, rec, 0)
 
 
 def test_linear_bf16_and_sr_seeded():
@@ -469,12 +461,9 @@ def test_kernel_benchmark_refuses_unknown_groups(capsys):
     ("HF_LOWBIT_W4A16_ROUND_W", "decode")])
 def test_switches_refuse_values_they_do_not_know(name, call, monkeypatch):
     """A mistyped switch (e.g. "true" for "1") is refused by name instead of silently meaning off."""
-    from hf_lowbit.kernels._common import reload_env_settings
-
-    monkeypatch.setenv(name, "true")
-    reload_env_settings()
     g = _gen(30)
-    with pytest.raises(ValueError, match=f"{name}='true' is not supported; allowed"):
+    with kernel_switch(monkeypatch, name, "true"), \
+            pytest.raises(ValueError, match=f"{name}='true' is not supported; allowed"):
         if call == "dense_mxfp4":
             x = torch.randn(16, 64, generator=g).to(DEV)
             TritonBackend().linear_train(x, torch.randn(32, 64, generator=g).to(DEV), None, Recipe(format="mxfp4"), 0)
@@ -485,5 +474,3 @@ def test_switches_refuse_values_they_do_not_know(name, call, monkeypatch):
         else:
             p = quantize(torch.randn(32, 64, generator=g).to(DEV), "nvfp4", 1)
             w4a16_linear(torch.randn(1, 64, generator=g).to(DEV).to(torch.bfloat16), p)
-    monkeypatch.delenv(name)
-    reload_env_settings()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import kernel_test_device
+from conftest import kernel_switch, kernel_test_device
 
 DEV = kernel_test_device()
 triton = pytest.importorskip("triton")
@@ -238,12 +238,10 @@ def test_linear_with_hadamard_matches_reference(fmt, center, col_kernel, monkeyp
     yr2.backward(dy)
     for a, r in zip(got_plain, (yr2.detach(), x.grad, w2.grad)):
         assert ((a - r).norm() / r.norm()) < tol
-    monkeypatch.setenv("HF_LOWBIT_COL_KERNEL", "both")
-    reload_env_settings()
-    with pytest.raises(ValueError, match="HF_LOWBIT_COL_KERNEL='both'.*allowed"):
-        triton_linear_train(x, w2, None, plain, 3)
     monkeypatch.delenv("HF_LOWBIT_COL_KERNEL")
-    reload_env_settings()
+    with kernel_switch(monkeypatch, "HF_LOWBIT_COL_KERNEL", "both"), \
+            pytest.raises(ValueError, match="HF_LOWBIT_COL_KERNEL='both'.*allowed"):
+        triton_linear_train(x, w2, None, plain, 3)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])

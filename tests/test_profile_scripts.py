@@ -88,9 +88,10 @@ def test_linear_host_profile_refuses_bad_input_and_a_cpu_only_machine(tmp_path, 
 
 
 def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
-    """scripts/profile_wrapper_host.py: the Averis linear fwd+bwd with every Triton kernel stubbed out (CPU) makes
-    its 13 launches (X and dY: stats + finalize + quantize, which also quantizes the mean; W: absmax + quantize;
-    2 mean GEMVs, 3 GEMMs), the kernels are restored afterwards, and bad sizes / an existing --out are refused."""
+    """scripts/profile_wrapper_host.py: the Averis linear fwd+bwd with every Triton kernel and the cuBLAS product
+    stubbed out (CPU) makes its 16 launches (X and dY: stats + finalize + quantize, which also quantizes the mean;
+    W: absmax + quantize; 2 mean GEMVs; 3 GEMMs, each a cuBLAS product + an epilogue pass), the kernels are
+    restored afterwards, and bad sizes / an existing --out are refused."""
     pytest.importorskip("triton")
     import profile_wrapper_host
 
@@ -99,10 +100,11 @@ def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
     kernel = quantize._quant_kernel
     out = tmp_path / "w.json"
     result = profile_wrapper_host.main(["--m", "64", "--k", "32", "--n", "48", "--iters", "5", "--out", str(out)])
-    assert result["launches_per_step"] == 13 and result["launches"]["_gemm_kernel"] == 3
+    assert result["launches_per_step"] == 16 and result["launches"]["cublas_mm"] == 3
+    assert result["launches"]["_epilogue_kernel"] == 3
     assert result["launches"]["_col_stats_kernel"] == 2 and result["launches"]["_absmax_kernel"] == 1
     assert result["launches"]["_quant_kernel"] == 3
-    assert result["fwd_bwd_us"] > 0 and json.loads(out.read_text())["launches_per_step"] == 13
+    assert result["fwd_bwd_us"] > 0 and json.loads(out.read_text())["launches_per_step"] == 16
     assert quantize._quant_kernel is kernel
     for argv, match in ((["--out", str(out)], "exists"), (["--k", "8"], "--k=8")):
         with pytest.raises(SystemExit):
