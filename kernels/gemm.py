@@ -7,8 +7,8 @@ A and B are the exactly-dequantized FP4 operands ``code × block scale`` in BF16
 exact in BF16), so the product is the FP4 GEMM up to FP32 summation order; the tensor scales never leave the
 device (no host sync). Any strides: transposed operands cost nothing. `matvec` does the rank-1 mean GEMVs.
 
-Also here: ``cublas_epilogue`` (cuBLAS BF16 GEMM with BF16 output, then the same epilogue as one extra pass), the
-alternative that the benchmark measures against the fused Triton GEMM.
+Also here: ``cublas_epilogue`` (cuBLAS, dense or batched, with an FP32 or a BF16 product, then the same epilogue as
+one extra pass) and ``gemm_fn``, which picks between them by the HF_LOWBIT_GEMM / HF_LOWBIT_GROUPED_GEMM switches.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import add_outer, bf16_rne, cdiv, dummy_tensors, interpreting, next_pow2, tile_offsets
+from hf_lowbit.kernels._common import (add_outer, bf16_rne, cdiv, dummy_tensors, env_choice, interpreting, next_pow2,
+                                       tile_offsets)
 
-__all__ = ["scaled_gemm", "matvec", "cublas_epilogue"]
+__all__ = ["scaled_gemm", "matvec", "cublas_epilogue", "gemm_fn"]
 
 
 
@@ -212,10 +213,24 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     return c if batched else c[0]
 
 
-@triton.jit
-def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
-                     HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr, HAS_R2: tl.constexpr,
-                     WGRAD: tl.constexpr, ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+@triton.jit(do_not_specialize=["M"])
+def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr,
+                     n_tok, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr,
+                     HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr, ROUND_BF16: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
+    """`_gemm_kernel`'s epilogue as a pass over a finished product c [G, M, N] (contiguous; groups on grid axis 2,
+    their scales at [g], vectors at [g·N] / [g·M], as there)."""
+    grp = tl.program_id(2).to(tl.int64)
+    c_ptr += grp * scg
+    o_ptr += grp * scg
+    sa_ptr += grp
+    sb_ptr += grp
+    vrow_ptr += grp * N
+    v1_ptr += grp * N
+    v2_ptr += grp * N
+    u1_ptr += grp * M
+    u2_ptr += grp * M
+    rmask_ptr += grp * M
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -223,40 +238,78 @@ def _epilogue_kernel(c_ptr, o_ptr, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
     acc = tl.load(c_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
                     HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
+    if HAS_RMASK:  # rows of padding (capacity layout) → 0, as the reference's `y * mask`
+        acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if ROUND_BF16:
         acc = bf16_rne(acc)
     tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 _HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+_HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
 def fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with FP32 accumulation and FP32 output (no BF16 rounding of the product): cuBLAS on CUDA."""
+    """a @ b with FP32 accumulation and FP32 output (no BF16 rounding of the product): cuBLAS on CUDA; batched
+    when a, b are 3-D."""
+    if a.dim() == 3:
+        if a.is_cuda and _HAS_BMM_DTYPE:
+            return torch.ops.aten.bmm.dtype(a, b, torch.float32)
+        return torch.bmm(a.float(), b.float())
     if a.is_cuda and _HAS_MM_DTYPE:
         return torch.ops.aten.mm.dtype(a, b, torch.float32)
     return torch.mm(a.float(), b.float())
 
 
 def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
-                    r2=None, wgrad_tokens: int | None = None, fp32_product: bool = False) -> torch.Tensor:
-    """Same contract as `scaled_gemm`, via cuBLAS + one epilogue pass. `fp32_product`: cuBLAS writes the FP32
-    product and the epilogue rounds once (the reference's numerics, up to summation order, like `scaled_gemm`);
-    else the product is rounded to BF16 before the epilogue (half the bytes between the two)."""
-    c = fp32_mm(a, b.t()) if fp32_product else torch.mm(a, b.t())
-    M, N = c.shape
+                    r2=None, row_mask: torch.Tensor | None = None, wgrad_tokens: int | None = None,
+                    fp32_product: bool = False) -> torch.Tensor:
+    """Same contract as `scaled_gemm` (dense or batched), via cuBLAS + one epilogue pass. `fp32_product`: cuBLAS
+    writes the FP32 product and the epilogue rounds once (the reference's numerics, up to summation order, like
+    `scaled_gemm`); else the product is rounded to BF16 before the epilogue (half the bytes between the two)."""
+    batched = a.dim() == 3
+    bt = b.transpose(-1, -2)
+    c = fp32_mm(a, bt) if fp32_product else (torch.bmm(a, bt) if batched else torch.mm(a, bt))
+    c3 = c if batched else c[None]
+    G, M, N = c3.shape
     dev = a.device
     dummy = dummy_tensors(dev)[2]
-    u1, v1 = r1 if r1 is not None else (dummy, dummy)
-    u2, v2 = r2 if r2 is not None else (dummy, dummy)
-    out = c if out_dtype == c.dtype else torch.empty((M, N), device=dev, dtype=out_dtype)
+
+    def vec(t: torch.Tensor | None) -> torch.Tensor:
+        if t is None:
+            return dummy
+        return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+    u1, v1 = r1 if r1 is not None else (None, None)
+    u2, v2 = r2 if r2 is not None else (None, None)
+    out = c3 if out_dtype == c3.dtype else torch.empty((G, M, N), device=dev, dtype=out_dtype)
     BM, BN = 32, 128
-    _epilogue_kernel[(cdiv(M, BM), cdiv(N, BN))](
-        c, out, M, N, sa if sa is not None else dummy, sb if sb is not None else dummy,
-        vrow if vrow is not None else dummy, u1, v1, u2, v2, float(wgrad_tokens or 0), HAS_SCALE=sa is not None,
-        HAS_VROW=vrow is not None, HAS_R1=r1 is not None, HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None,
+    _epilogue_kernel[(cdiv(M, BM), cdiv(N, BN), G)](
+        c3, out, M, N, M * N, vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
+        float(wgrad_tokens or 0), HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
+        HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None, HAS_RMASK=row_mask is not None,
         ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
-    return out
+    return out if batched else out[0]
+
+
+GEMM_IMPLS = ("cublas32", "triton", "cublas")  # dense default first
+GROUPED_GEMM_IMPLS = ("triton", "cublas32")   # grouped (MoE experts) default first
+
+
+def _cublas32(*args, **kw):
+    return cublas_epilogue(*args, fp32_product=True, **kw)
+
+
+def gemm_fn(grouped: bool = False):
+    """The GEMM with the FP4 epilogue (`scaled_gemm`'s contract). Dense (HF_LOWBIT_GEMM): cuBLAS with an FP32
+    product + one epilogue pass ("cublas32", default: an NVFP4 layer fwd+bwd 18-23% faster than "triton" on an H200,
+    benchmarks/NOTES.md), the Triton GEMM with its fused epilogue ("triton": the same numerics up to summation
+    order), or cuBLAS with a BF16-rounded product + the pass ("cublas": one extra rounding). Grouped MoE experts
+    (HF_LOWBIT_GROUPED_GEMM): the batched Triton GEMM ("triton", default) or batched cuBLAS ("cublas32", opt-in,
+    not yet measured on a GPU)."""
+    impl = env_choice("HF_LOWBIT_GROUPED_GEMM", GROUPED_GEMM_IMPLS) if grouped else env_choice("HF_LOWBIT_GEMM",
+                                                                                              GEMM_IMPLS)
+    return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 
 @triton.jit

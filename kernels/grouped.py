@@ -22,7 +22,7 @@ import triton.language as tl
 from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
-from hf_lowbit.kernels.gemm import scaled_gemm
+from hf_lowbit.kernels.gemm import gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
@@ -177,7 +177,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                                                          seed31(seed, 24), recipe.mx_scale)
             vrow = _rank1(mu_x_u, w_row.transpose(1, 2), ts_mu, ts_w)[:, 0]
         # one launch: tensor scales, the rank-1 mean row, the padding mask and the output cast in the epilogue
-        y = scaled_gemm(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
+        y = gemm_fn(grouped=True)(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
                         row_mask=mp[:, :length])
         x_sum = None
         if need_wgrad:
@@ -194,6 +194,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         x_col, x_sum, ts_x, mu_x_q, w_col, ts_w, mp, counts = [next(it) if h else None for h in ctx.has]
         recipe, seed, length, lp, n, k, w_dtype = ctx.meta
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gemm = gemm_fn(grouped=True)
         is_nv = get_format(recipe.format).scale_kind == "e4m3"
         g = dy.shape[0]
         # padding rows need no zeroing here: the stats skip them and the quantizer writes them as 0 (rowok)
@@ -210,7 +211,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         if need_dgrad:
             wc = w_col.view(g, n, k)
             vrow = None if mu_d_u is None else _rank1(mu_d_u, wc, ts_mud, ts_w)[:, 0]
-            dx = scaled_gemm(d_row.view(g, lp, n)[:, :length], wc.transpose(1, 2), dy.dtype, ts_d, ts_w, vrow,
+            dx = gemm(d_row.view(g, lp, n)[:, :length], wc.transpose(1, 2), dy.dtype, ts_d, ts_w, vrow,
                              row_mask=mp[:, :length])
         if need_wgrad:
             dc = d_col.view(g, lp, n)
@@ -220,7 +221,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                 r1 = (_token_sums(dc, mp, recipe, seed) * (1.0 if ts_dc is None else ts_dc[:, None]), mu_x_q)
             if mu_d_q is not None:  # counts = Σ m² = ‖T·m‖² (the rotation is orthogonal; exact for 0/1 masks)
                 r2 = (mu_d_q, x_sum_s if mu_x_q is None else x_sum_s + counts[:, None] * mu_x_q)
-            dw = scaled_gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_dc, ts_x,
+            dw = gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_dc, ts_x,
                              None, r1, r2)
         return dx, dw, None, None, None
 

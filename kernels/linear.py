@@ -26,7 +26,7 @@ from hf_lowbit.averis import hadamard_sign_bits
 from hf_lowbit.backend import TorchBackend
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import env_choice
-from hf_lowbit.kernels.gemm import cublas_epilogue, matvec, scaled_gemm
+from hf_lowbit.kernels.gemm import gemm_fn, matvec
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
 from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
 from hf_lowbit.kernels.mx_fp8 import mx_fp8_linear_train
@@ -40,22 +40,6 @@ __all__ = ["TritonBackend", "TritonAverisLinear", "supports_recipe", "triton_lin
 def supports_recipe(recipe: Recipe) -> bool:
     return (recipe.block_axis == "reduction" and recipe.weight_blocks == "1d"
             and recipe.format in ("nvfp4", "mxfp4"))
-
-
-GEMM_IMPLS = ("cublas32", "triton", "cublas")  # the first is the default
-
-
-def _cublas32(*args, **kw):
-    return cublas_epilogue(*args, fp32_product=True, **kw)
-
-
-def _gemm_fn():
-    """GEMM implementation (HF_LOWBIT_GEMM): cuBLAS with an FP32 product + one epilogue pass ("cublas32", default:
-    an NVFP4 layer fwd+bwd 18-23% faster than "triton" on an H200, benchmarks/NOTES.md), the Triton GEMM with its
-    fused epilogue ("triton": the same numerics up to summation order), or cuBLAS with a BF16-rounded product + the
-    pass ("cublas": one extra rounding)."""
-    impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
-    return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 
 def quantize_operand(z: torch.Tensor, recipe: Recipe, center: bool, rounding: str, seed: int, row: bool, col: bool,
@@ -85,7 +69,7 @@ class TritonAverisLinear(torch.autograd.Function):
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                 seed: int) -> torch.Tensor:
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gemm = _gemm_fn()
+        gemm = gemm_fn()
         qx, x_col = quantize_operand(x2d, recipe, recipe.center_activations, "sr" if recipe.sr_activations else "rtn",
                                      seed31(seed, 11), True, need_wgrad, True, seed)
         qw, w_col = quantize_operand(weight, recipe, False, "sr" if recipe.sr_weights else "rtn", seed31(seed, 12),
@@ -110,7 +94,7 @@ class TritonAverisLinear(torch.autograd.Function):
         xc, xsum, ts_x, mu_x_q, wc, ts_w = [next(it) if h else None for h in ctx.has]
         recipe = ctx.recipe
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gemm = _gemm_fn()
+        gemm = gemm_fn()
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
         qd, (d_col, d_sum, ts_dc) = quantize_operand(dy, recipe, recipe.center_gradients,
                                                      "sr" if recipe.sr_gradients else "rtn", seed31(ctx.seed, 13),
