@@ -16,6 +16,7 @@
 #          accurate one on the bench_moe model's shape is then used by the moe stage's SD-MoE part
 #   sdprof scripts/profile_sd_step.py: host vs device time and kernel counts of SD-MoE's pieces of a training step
 #   moe    scripts/bench_moe.py: FP4 experts vs BF16 grouped GEMM, SD-MoE step overhead
+#   gemmcmp  P8 per HF_LOWBIT_GROUPED_GEMM (triton, cublas32) and one FP4 linear's host/device time per HF_LOWBIT_GEMM
 #   repro  reproduce_meanbias.py, configs split over the GPUs in parallel, then merged (REPRO_ARGS for sizes)
 #   scale  train.py tokens/s on 1 vs 2 GPUs (DDP) for bf16 and nvfp4-averis, and one FSDP2 run (SCALE_ARGS);
 #          with one GPU only the 1-GPU runs (the end-to-end P4 ratio)
@@ -87,6 +88,18 @@ fi
 if has moe; then stamp moe
   timeout ${MOE_TIMEOUT:-240} python3 scripts/bench_moe.py --out "$OUT/bench_moe.json" $SD_DRIVER_ARG ${MOE_ARGS:-} 2>&1 | tail -40 \
     | tee "$OUT/bench_moe.log" || fail moe $?
+fi
+if has gemmcmp; then stamp gemmcmp
+  # the GEMM implementations side by side: MoE experts (P8) per HF_LOWBIT_GROUPED_GEMM, the dense linear's host and
+  # device time per HF_LOWBIT_GEMM (the host-bound width of the P4 model)
+  for impl in triton cublas32; do
+    HF_LOWBIT_GROUPED_GEMM=$impl timeout ${GEMMCMP_TIMEOUT:-120} python3 scripts/bench_moe.py --skip-sd \
+      --out "$OUT/bench_moe_grouped_$impl.json" 2>&1 | grep -A6 "^| name" | tee "$OUT/bench_moe_grouped_$impl.log" \
+      || fail gemmcmp $?
+    HF_LOWBIT_GEMM=$impl timeout ${GEMMCMP_TIMEOUT:-120} python3 scripts/profile_linear_host.py --iters 50 \
+      --out "$OUT/profile_linear_host_$impl.json" 2>&1 | grep -v Warn | grep -v "^ \+[0-9]\+ \+[0-9.]\+ " \
+      | tee "$OUT/profile_linear_host_$impl.log" || fail gemmcmp $?
+  done
 fi
 if has repro; then stamp repro
   IFS=',' read -ra GROUPS_ <<< "${REPRO_GROUPS:-bf16,nvfp4,nvfp4-averis}"
