@@ -61,6 +61,23 @@ def _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_pt
     return acc
 
 
+@triton.jit
+def _group_vectors(grp, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr):
+    """The epilogue's pointers moved to group `grp`: scales at [g], N-vectors at [g·N], M-vectors at [g·M]."""
+    return (sa_ptr + grp, sb_ptr + grp, vrow_ptr + grp * N, u1_ptr + grp * M, v1_ptr + grp * N, u2_ptr + grp * M,
+            v2_ptr + grp * N, rmask_ptr + grp * M)
+
+
+@triton.jit
+def _finish_tile(acc, offs_m, M, rmask_ptr, HAS_RMASK: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Rows of padding (capacity layout) → 0, as the reference's `y * mask`; then the single BF16 rounding."""
+    if HAS_RMASK:
+        acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if ROUND_BF16:
+        acc = bf16_rne(acc)
+    return acc
+
+
 # M is the MoE capacity in the batched case (a new value every step): not specialized on (no recompiles mid-run)
 @triton.jit(do_not_specialize=["M", "NUM_K"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
@@ -76,14 +93,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
     a_ptr += grp * sag
     b_ptr += grp * sbg
     c_ptr += grp * scg
-    sa_ptr += grp
-    sb_ptr += grp
-    vrow_ptr += grp * N
-    v1_ptr += grp * N
-    v2_ptr += grp * N
-    u1_ptr += grp * M
-    u2_ptr += grp * M
-    rmask_ptr += grp * M
+    sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr = _group_vectors(
+        grp, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr)
     offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
     am = offs_m % M
     bn = offs_n % N
@@ -109,10 +120,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
         b_ptrs += BK * sbk
     acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
                     HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
-    if HAS_RMASK:  # rows of padding (capacity layout) → 0, as the reference's `y * mask`
-        acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    if ROUND_BF16:
-        acc = bf16_rne(acc)
+    acc = _finish_tile(acc, offs_m, M, rmask_ptr, HAS_RMASK, ROUND_BF16)
     cmask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
              mask=cmask)
@@ -170,6 +178,13 @@ def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cf
                        DOT_F32=dot_f32, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
 
+def _f32_vector(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """An epilogue vector or scale as contiguous FP32 (`dummy` for an absent one)."""
+    if t is None:
+        return dummy
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: torch.Tensor | None = None,
                 sb: torch.Tensor | None = None, vrow: torch.Tensor | None = None,
                 r1: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -196,9 +211,7 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
                   ROUND_BF16=out_dtype == torch.bfloat16)
 
     def vec(t: torch.Tensor | None) -> torch.Tensor:
-        if t is None:
-            return dummy
-        return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+        return _f32_vector(t, dummy)
 
     args = (a, b, c, M, N, K, a.stride(1), a.stride(2), b.stride(1), b.stride(2), c.stride(1), c.stride(2),
             vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
@@ -223,14 +236,8 @@ def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, 
     grp = tl.program_id(2).to(tl.int64)
     c_ptr += grp * scg
     o_ptr += grp * scg
-    sa_ptr += grp
-    sb_ptr += grp
-    vrow_ptr += grp * N
-    v1_ptr += grp * N
-    v2_ptr += grp * N
-    u1_ptr += grp * M
-    u2_ptr += grp * M
-    rmask_ptr += grp * M
+    sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr = _group_vectors(
+        grp, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -238,10 +245,7 @@ def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, 
     acc = tl.load(c_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
                     HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
-    if HAS_RMASK:  # rows of padding (capacity layout) → 0, as the reference's `y * mask`
-        acc = acc * tl.load(rmask_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    if ROUND_BF16:
-        acc = bf16_rne(acc)
+    acc = _finish_tile(acc, offs_m, M, rmask_ptr, HAS_RMASK, ROUND_BF16)
     tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -276,9 +280,7 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
     dummy = dummy_tensors(dev)[2]
 
     def vec(t: torch.Tensor | None) -> torch.Tensor:
-        if t is None:
-            return dummy
-        return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+        return _f32_vector(t, dummy)
 
     u1, v1 = r1 if r1 is not None else (None, None)
     u2, v2 = r2 if r2 is not None else (None, None)

@@ -22,20 +22,10 @@ import triton.language as tl
 from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import cdiv, interpreting
-from hf_lowbit.kernels.gemm import gemm_fn
+from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
-
-_HAS_BMM_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
-
-
-def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched BF16 GEMM with FP32 accumulation and FP32 output (one rounding), [G, M, K] · [G, K, N]."""
-    if a.is_cuda and _HAS_BMM_DTYPE:
-        return torch.ops.aten.bmm.dtype(a, b, torch.float32)
-    return torch.bmm(a.float(), b.float())
-
 
 @triton.jit
 def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr, min_ptr,
@@ -115,7 +105,7 @@ def _scale(*scales: torch.Tensor | None) -> torch.Tensor | float:
 
 def _rank1(v_unscaled: torch.Tensor, m: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
     """``v[g] · M[g]`` per group (a [G, 1, ·] row), BF16 operands, FP32 result times the scales."""
-    return bmm_fp32(v_unscaled[:, None, :], m) * _scale(*scales)
+    return fp32_mm(v_unscaled[:, None, :], m) * _scale(*scales)
 
 
 def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) -> torch.Tensor:
@@ -124,7 +114,7 @@ def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) 
     if not recipe.hadamard:
         return col.sum(1, dtype=torch.float32)
     ones = hadamard_tokens(mp[..., None].float(), hadamard_signs(seed))[..., 0]
-    return bmm_fp32(ones[:, None, :].to(col.dtype), col)[:, 0]
+    return fp32_mm(ones[:, None, :].to(col.dtype), col)[:, 0]
 
 
 def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,

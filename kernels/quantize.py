@@ -627,6 +627,14 @@ def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, 
     return plan
 
 
+def check_rounding_args(rounding: str, mx_scale: str) -> None:
+    """The quantizers' `rounding` and `mx_scale` arguments, refused by name before any launch."""
+    if rounding not in ("rtn", "sr"):
+        raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
+    if mx_scale not in ("floor", "ceil"):
+        raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
+
+
 def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True, rounding: str = "rtn",
                     seed: int = 0, row: bool = True, col: bool = False, row_packed: bool = True,
                     row_dq: bool = False, col_packed: bool = True, col_dq: bool = False, col_sum: bool = False,
@@ -638,10 +646,7 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
     """
     if x.dim() != 2:
         raise ValueError(f"averis_quantize needs a 2-D tensor, got shape {tuple(x.shape)}")
-    if rounding not in ("rtn", "sr"):
-        raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
-    if mx_scale not in ("floor", "ceil"):
-        raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
+    check_rounding_args(rounding, mx_scale)
     M, K = x.shape
     if M == 0 or K == 0:
         raise ValueError("averis_quantize needs a non-empty tensor")

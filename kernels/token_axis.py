@@ -31,7 +31,7 @@ import triton.language as tl
 from hf_lowbit.averis import HADAMARD_BLOCK
 from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
                                        env_choice, interpreting, round_e2m1)
-from hf_lowbit.kernels.quantize import _nv_codes, _nv_scales, _nv_tensor_scale, _fast
+from hf_lowbit.kernels.quantize import _fast, _nv_codes, _nv_scales, _nv_tensor_scale, check_rounding_args
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 __all__ = ["TokenAxisOperand", "grouped_token_axis_quantize", "hadamard_col_quantize", "split_col_kernel",
@@ -162,10 +162,7 @@ class TokenAxisOperand(NamedTuple):
 def _check_args(x: torch.Tensor, rounding: str, mx_scale: str, format: str) -> tuple[int, bool]:
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"the token-axis operand needs a non-empty 2-D tensor, got shape {tuple(x.shape)}")
-    if rounding not in ("rtn", "sr"):
-        raise ValueError(f"rounding={rounding!r} is not supported; allowed: ['rtn', 'sr']")
-    if mx_scale not in ("floor", "ceil"):
-        raise ValueError(f"mx_scale={mx_scale!r} is not supported; allowed: ['floor', 'ceil']")
+    check_rounding_args(rounding, mx_scale)
     fmt = get_format(format)
     if fmt.block_size % HADAMARD_BLOCK:
         raise ValueError(f"format={format!r} has blocks of {fmt.block_size}; the token-axis operand needs a "
@@ -221,9 +218,8 @@ def token_axis_quantize(x: torch.Tensor, mean: torch.Tensor | None, tensor_scale
     B, is_nv = _check_args(x, rounding, mx_scale, format)
     if is_nv and tensor_scale is None:
         raise ValueError("token_axis_quantize: an NVFP4 operand needs the tensor scale of its row-axis launch")
-    ts = tensor_scale.reshape(1) if is_nv else None
-    out = _launch(x, x.shape[0], mean, None, 1, None, B, is_nv, rounding, seed, mx_scale, col_sum, ts)
-    return out._replace(tensor_scale=tensor_scale if is_nv else None)
+    return _launch(x, x.shape[0], mean, None, 1, None, B, is_nv, rounding, seed, mx_scale, col_sum,
+                   tensor_scale if is_nv else None)
 
 
 def hadamard_col_quantize(x: torch.Tensor, mean: torch.Tensor | None, bits: int, format: str = "nvfp4",
