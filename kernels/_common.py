@@ -30,6 +30,11 @@ def next_pow2(n: int) -> int:
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: Compiled kernels round to E4M3 with the hardware conversion (`cvt.rn.satfinite.e4m3x2.f32`: one instruction per
+#: pair); the CPU interpreter's casts do not round like the hardware, so it keeps the bit-arithmetic path.
+HW_FP8_CAST = tl.constexpr(not _INTERPRET)
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU interpreter: small tiles, no hardware-specific paths)."""
     return _INTERPRET
@@ -81,6 +86,9 @@ def e4m3_rne(s):
 
     Returns (value as FP32, E4M3 bit pattern as int32). NaN gives (NaN, 0x7F) like torch's cast.
     """
+    if HW_FP8_CAST:  # RNE with saturation, NaN → 0x7F: the same result in ~3 instructions instead of ~20
+        f8 = s.to(tl.float8e4nv)
+        return f8.to(tl.float32), f8.to(tl.uint8, bitcast=True).to(tl.int32)
     isnan = s != s
     s0 = tl.where(isnan, 0.0, s)
     bits = s0.to(tl.int32, bitcast=True)
@@ -166,6 +174,36 @@ def round_e2m1(a, SR: tl.constexpr, rnd):
                + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
                + (mag > 5.0).to(tl.int32))
     return idx | ((a < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def e2m1_rounded(a, SR: tl.constexpr, rnd):
+    """The signed E2M1 value (FP32) that `round_e2m1(a, SR, rnd)` encodes, without forming the code:
+    `e2m1_value(round_e2m1(a, SR, rnd))` bit for bit (−0.0 where the code is 8), in about half the instructions.
+
+    RTN walks the seven decision boundaries with compare-and-select on |a|; SR picks the grid point below or above."""
+    mag = tl.abs(a)
+    if SR:
+        c = tl.where(mag > 6.0, 6.0, mag)
+        c = tl.where(mag != mag, 0.0, c)
+        lo_val = tl.where(c >= 0.5, 0.5, 0.0)
+        lo_val = tl.where(c >= 1.0, 1.0, lo_val)
+        lo_val = tl.where(c >= 1.5, 1.5, lo_val)
+        lo_val = tl.where(c >= 2.0, 2.0, lo_val)
+        lo_val = tl.where(c >= 3.0, 3.0, lo_val)
+        lo_val = tl.where(c >= 4.0, 4.0, lo_val)
+        step = tl.where(c < 2.0, 0.5, tl.where(c < 4.0, 1.0, 2.0))
+        inv_step = tl.where(c < 2.0, 2.0, tl.where(c < 4.0, 1.0, 0.5))
+        v = tl.where(rnd < (c - lo_val) * inv_step, lo_val + step, lo_val)
+    else:
+        v = tl.where(mag > 0.25, 0.5, 0.0)
+        v = tl.where(mag >= 0.75, 1.0, v)
+        v = tl.where(mag > 1.25, 1.5, v)
+        v = tl.where(mag >= 1.75, 2.0, v)
+        v = tl.where(mag > 2.5, 3.0, v)
+        v = tl.where(mag >= 3.5, 4.0, v)
+        v = tl.where(mag > 5.0, 6.0, v)
+    return tl.where(a < 0, -v, v)
 
 
 @triton.jit

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e4m3_rne, e8m0_from_amax, e8m0_inv_scale,
-                                       e8m0_scale, env_setting, interpreting, next_pow2, round_e2m1)
+from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne, e8m0_from_amax,
+                                       e8m0_inv_scale, e8m0_scale, env_setting, interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "group_mean_quantized", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -195,24 +195,23 @@ def nv_inv_den(den):
 
 
 @triton.jit
-def _nv_codes(r, den, y, bad, SR: tl.constexpr, rnd, FAST: tl.constexpr):
-    """E2M1 codes of fl(r / den) (0 where den = 0), `den`, `y`, `bad` already broadcast against `r`.
+def _nv_scaled(r, den, y, bad, SR: tl.constexpr, FAST: tl.constexpr):
+    """The scaled residual whose E2M1 rounding gives the reference's codes: fl(r / den) (0 where den = 0), with
+    `den`, `y`, `bad` already broadcast against `r`.
 
     FAST (RTN): q = r·y with y = RN(1/den) is within |q|·2^-22.9 of the exact quotient, so every rounding decision
     taken on q equals the one taken on fl(r/den) unless q lies within |q|·2^-20 of a boundary (proof in
-    benchmarks/NOTES.md, v2); if any element of the tile does, the tile is redone with IEEE division."""
-    if FAST or SR:  # SR needs no bit-exactness (its noise is not the reference's): always the multiply
+    benchmarks/NOTES.md, v2); if any element of the tile does, the tile is redone with IEEE division. SR needs no
+    bit-exactness (its noise is not the reference's): always the multiply."""
+    if FAST or SR:
         q = r * y
-        codes = round_e2m1(q, SR, rnd)
         if not SR:
             near = near_e2m1_boundary(q) | bad
             if tl.max(near.to(tl.int32)) > 0:
-                exact = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
-                codes = round_e2m1(exact, SR, rnd)
+                q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
     else:
-        exact = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
-        codes = round_e2m1(exact, SR, rnd)
-    return codes
+        q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
+    return q
 
 
 @triton.jit
@@ -293,13 +292,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             else:
                 tsr = ts
             sbf, sbyte, den, y, bad = _nv_scales(amax_b, tsr)
-            codes = _nv_codes(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, rnd, FAST)
+            q = _nv_scaled(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, FAST)
         else:
             sbyte = e8m0_from_amax(amax_b, MX_CEIL)
             sbf = e8m0_scale(sbyte)
-            codes = round_e2m1(r * e8m0_inv_scale(sbyte)[:, :, None, None], SR, rnd)
+            q = r * e8m0_inv_scale(sbyte)[:, :, None, None]
         if ROW_PACK:
-            lo, hi = tl.split(codes)
+            lo, hi = tl.split(round_e2m1(q, SR, rnd))
             byte = (lo | (hi << 4)).to(tl.uint8)
             kk = pk * (BK // 2) + nb[:, None] * HB + jj[None, :]
             tl.store(rc_ptr + rows[:, None, None].to(tl.int64) * (KP // 2) + kk[None, :, :], byte,
@@ -308,7 +307,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             tl.store(rs_ptr + rows[:, None].to(tl.int64) * (KP // B) + kb[None, :], sbyte.to(tl.uint8),
                      mask=rmask[:, None] & (kb < KP // B)[None, :])
         if ROW_DQ:
-            v = tl.reshape(e2m1_value(codes) * sbf[:, :, None, None], [BM, BK])
+            v = tl.reshape(e2m1_rounded(q, SR, rnd) * sbf[:, :, None, None], [BM, BK])
             tl.store(rdq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16), mask=mask2)
 
     if COL:
@@ -360,15 +359,17 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             d3 = den_c[:, None, :]
             y3 = y_c[:, None, :]
             b3 = bad_c[:, None, :]
-            ce = _nv_codes(re, d3, y3, b3, SR, rnd_e, FAST)
-            co = _nv_codes(ro, d3, y3, b3, SR, rnd_o, FAST)
+            qe = _nv_scaled(re, d3, y3, b3, SR, FAST)
+            qo = _nv_scaled(ro, d3, y3, b3, SR, FAST)
         else:
             sbyte_c = e8m0_from_amax(amax_c, MX_CEIL)
             sbf_c = e8m0_scale(sbyte_c)
             inv_c = e8m0_inv_scale(sbyte_c)[:, None, :]
-            ce = round_e2m1(re * inv_c, SR, rnd_e)
-            co = round_e2m1(ro * inv_c, SR, rnd_o)
+            qe = re * inv_c
+            qo = ro * inv_c
         if COL_PACK:
+            ce = round_e2m1(qe, SR, rnd_e)
+            co = round_e2m1(qo, SR, rnd_o)
             byte_c = tl.trans(tl.reshape((ce | (co << 4)).to(tl.uint8), [BM // 2, BK]))
             mm = pm * (BM // 2) + tl.arange(0, BM // 2)
             tl.store(cc_ptr + cols[:, None].to(tl.int64) * (MP // 2) + mm[None, :], byte_c,
@@ -378,8 +379,8 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                      tl.trans(sbyte_c).to(tl.uint8), mask=cmask[:, None] & (mbg < MP // B)[None, :])
         if COL_DQ or COL_SUM:
             s3 = sbf_c[:, None, :]
-            ve = e2m1_value(ce) * s3
-            vo = e2m1_value(co) * s3
+            ve = e2m1_rounded(qe, SR, rnd_e) * s3
+            vo = e2m1_rounded(qo, SR, rnd_o) * s3
             if COL_DQ:
                 pd = cdq_ptr + rowe[:, :, None].to(tl.int64) * K + cols[None, None, :]
                 tl.store(pd, ve.to(tl.bfloat16), mask=me)
@@ -410,8 +411,7 @@ def _quantize_vector_block(mu, cols, ts, seed, BK: tl.constexpr, B: tl.constexpr
         rnd = tl.reshape(tl.rand(seed, cols), [NB, B])
     else:
         rnd = 0.0
-    codes = round_e2m1(scaled, SR, rnd)
-    vu = e2m1_value(codes) * sbf[:, None]
+    vu = e2m1_rounded(scaled, SR, rnd) * sbf[:, None]
     if IS_NV:
         v = vu * ts
     else:

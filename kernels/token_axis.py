@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.averis import HADAMARD_BLOCK
-from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_value, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       env_choice, interpreting, round_e2m1)
-from hf_lowbit.kernels.quantize import _fast, _nv_codes, _nv_scales, _nv_tensor_scale, check_rounding_args
+from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_rounded, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
+                                       env_choice, interpreting)
+from hf_lowbit.kernels.quantize import _fast, _nv_scaled, _nv_scales, _nv_tensor_scale, check_rounding_args
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 __all__ = ["TokenAxisOperand", "grouped_token_axis_quantize", "hadamard_col_quantize", "split_col_kernel",
@@ -132,12 +132,12 @@ def _token_axis_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, rowok_ptr, GL,
             if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(ts_out_ptr, ts)
         sbf, sbyte, den, y, bad = _nv_scales(amax_b, ts)
-        codes = _nv_codes(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, rnd, FAST)
+        q = _nv_scaled(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, FAST)
     else:
         sbyte = e8m0_from_amax(amax_b, MX_CEIL)
         sbf = e8m0_scale(sbyte)
-        codes = round_e2m1(tq * e8m0_inv_scale(sbyte)[:, None, :], SR, rnd)
-    v = tl.reshape(e2m1_value(codes) * sbf[:, None, :], [BM, BK])
+        q = tq * e8m0_inv_scale(sbyte)[:, None, :]
+    v = tl.reshape(e2m1_rounded(q, SR, rnd) * sbf[:, None, :], [BM, BK])
     cmask = cols < K
     tl.store(dq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16),
              mask=(rows < MP)[:, None] & cmask[None, :])

@@ -26,7 +26,7 @@ from hf_lowbit.config import Recipe  # noqa: E402
 from hf_lowbit.kernels._common import e4m3_rne, round_e2m1  # noqa: E402
 from hf_lowbit.kernels.gemv import w4a16_linear  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend, triton_linear_train  # noqa: E402
-from hf_lowbit.kernels.quantize import _nv_codes, averis_quantize, near_e2m1_boundary, nv_inv_den  # noqa: E402
+from hf_lowbit.kernels.quantize import _nv_scaled, averis_quantize, near_e2m1_boundary, nv_inv_den  # noqa: E402
 from hf_lowbit.numerics import dequantize, fake_quantize, quantize, round_to_e2m1  # noqa: E402
 
 SHAPES = [(64, 64), (37, 50), (16, 100)] + ([(1000, 1536)] if DEV == "cuda" else [])
@@ -80,7 +80,7 @@ def _div_probe(r_ptr, d_ptr, fast_ptr, near_ptr, out_ptr, N, BLOCK: tl.constexpr
     q = r * y
     tl.store(fast_ptr + offs, round_e2m1(q, False, 0.0).to(tl.uint8), mask=m)
     tl.store(near_ptr + offs, (near_e2m1_boundary(q) | bad).to(tl.uint8), mask=m)
-    tl.store(out_ptr + offs, _nv_codes(r, den, y, bad, False, 0.0, True).to(tl.uint8), mask=m)
+    tl.store(out_ptr + offs, round_e2m1(_nv_scaled(r, den, y, bad, False, True), False, 0.0).to(tl.uint8), mask=m)
 
 
 def test_division_free_rtn_is_exact_at_boundaries():

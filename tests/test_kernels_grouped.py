@@ -276,7 +276,7 @@ def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
 
 
 def test_grouped_linear_through_batched_cublas_equals_the_triton_gemm(monkeypatch):
-    """HF_LOWBIT_GROUPED_GEMM=cublas32 (opt-in): the experts' three batched GEMMs through cuBLAS with an FP32 product
+    """HF_LOWBIT_GROUPED_GEMM=cublas32 (default): the experts' three batched GEMMs through cuBLAS with an FP32 product
     + the epilogue pass give the batched Triton GEMM's results up to summation order; unknown values are refused."""
     from conftest import kernel_switch
 
