@@ -33,6 +33,22 @@ MATRICES = ("gate_up_proj", "down_proj")
 CAPACITY_MULTIPLE = 32  # the largest FP4 block size (MXFP4)
 
 
+#: Run the Routing moves through the Triton kernels on CPU tensors too (tests, under TRITON_INTERPRET=1).
+ROUTING_KERNELS_ON_CPU = False
+
+
+def _routing_kernels(t: torch.Tensor) -> bool:
+    """Whether `Routing` moves rows through `hf_lowbit.kernels.routing` (CUDA, HF_LOWBIT_ROUTING=triton, the
+    default) or through torch ops (CPU, or HF_LOWBIT_ROUTING=torch)."""
+    from hf_lowbit import kernels
+
+    if not kernels.TRITON_AVAILABLE or not (t.is_cuda or ROUTING_KERNELS_ON_CPU):
+        return False
+    from hf_lowbit.kernels._common import env_choice
+
+    return env_choice("HF_LOWBIT_ROUTING", ("triton", "torch")) == "triton"
+
+
 @dataclass
 class Routing:
     """Where each (token, slot) assignment sits in the expert-major layout ``[E, C, ·]``."""
@@ -43,7 +59,7 @@ class Routing:
     slot: torch.Tensor     # [n] which of the token's top-k choices
     mask: torch.Tensor     # [E, C] 1.0 on real rows
     capacity: int
-    slot_rows: torch.Tensor  # [T, k] row of each (token, slot) in the flattened layout (0 for a dropped one)
+    slot_rows: torch.Tensor  # [T, k] row of each (token, slot) in the flattened layout, −1 for a dropped one
     dropped: bool            # some assignments went to experts ≥ E (host-known: the boolean indexing synced)
 
     @classmethod
@@ -64,7 +80,7 @@ class Routing:
         capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
         mask = torch.zeros(num_experts, capacity, device=flat.device)
         mask[expert, pos] = 1.0
-        slot_rows = torch.zeros(t * k, dtype=torch.long, device=flat.device).index_copy_(
+        slot_rows = torch.full((t * k,), -1, dtype=torch.long, device=flat.device).index_copy_(
             0, order, expert * capacity + pos)
         return cls(expert, pos, order // k, order % k, mask, capacity, slot_rows.view(t, k), len(order) < t * k)
 
@@ -72,6 +88,13 @@ class Routing:
     def rows(self) -> torch.Tensor:
         """[n] row of each kept assignment in the flattened ``[E·C, ·]`` layout."""
         return self.expert * self.capacity + self.pos
+
+    @property
+    def row_token(self) -> torch.Tensor:
+        """[E·C] source token of each row of the flattened layout, −1 on padding rows."""
+        e, c = self.mask.shape
+        return torch.full((e * c,), -1, dtype=torch.long, device=self.mask.device).index_copy_(0, self.rows,
+                                                                                               self.token)
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, H] → [E, C, H] with each expert's tokens in its row block, zeros elsewhere (differentiable; the
@@ -84,11 +107,13 @@ class Routing:
         the rows' dtype, fixed order: no atomics); slots of dropped assignments count as zero."""
         t, k = self.slot_rows.shape
         rows = rows.view(t, k, -1)
-        if self.dropped:  # their slot_rows point at row 0: zero them whatever that row holds
-            kept = torch.zeros(t * k, dtype=torch.bool, device=rows.device)
-            kept[self.token * k + self.slot] = True
-            rows = torch.where(kept.view(t, k, 1), rows, 0)
+        if self.dropped:  # their rows were read from row 0: zero them whatever that row holds
+            rows = torch.where((self.slot_rows >= 0).view(t, k, 1), rows, 0)
         return rows.sum(1)
+
+    def slot_rows_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """[T·k, ·]: the rows of the flattened layout each (token, slot) reads (row 0 for a dropped one)."""
+        return rows.reshape(-1, rows.shape[-1]).index_select(0, self.slot_rows.reshape(-1).clamp_min(0))
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Σ over a token's experts of routing weight × expert output, in the hidden states' dtype.
@@ -96,8 +121,14 @@ class Routing:
         Gathered token-major ([T, k, H]) and summed over k in FP32, like transformers' grouped_mm experts: one
         rounding and a fixed order (an `index_add` into BF16 rounded after every slot, and its atomics made the
         sum's order, hence its bits, vary from run to run)."""
-        picked = y.reshape(-1, y.shape[-1]).index_select(0, self.slot_rows.reshape(-1))
-        return self.sum_slots(picked * weights.reshape(-1, 1).float()).to(like.dtype)
+        if _routing_kernels(y):
+            return _CombineRows.apply(y.reshape(-1, y.shape[-1]), weights, self, like.dtype)
+        picked = self.slot_rows_of(y)
+        t, k = self.slot_rows.shape
+        prod = (picked * weights.reshape(-1, 1).float()).view(t, k, -1)
+        if self.dropped:
+            prod = torch.where((self.slot_rows >= 0).view(t, k, 1), prod, 0)
+        return prod.sum(1).to(like.dtype)
 
 
 class _ExpertMajorRows(torch.autograd.Function):
@@ -107,6 +138,10 @@ class _ExpertMajorRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         ctx.routing = routing
+        if _routing_kernels(hidden):
+            from hf_lowbit.kernels.routing import gather_rows
+
+            return gather_rows(hidden, routing.row_token)
         e, c = routing.mask.shape
         return hidden.new_zeros(e * c, hidden.shape[-1]).index_copy_(0, routing.rows,
                                                                       hidden.index_select(0, routing.token))
@@ -114,7 +149,32 @@ class _ExpertMajorRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         r = ctx.routing
-        return r.sum_slots(grad.index_select(0, r.slot_rows.reshape(-1))), None
+        if _routing_kernels(grad):
+            from hf_lowbit.kernels.routing import sum_slots
+
+            return sum_slots(grad.reshape(-1, grad.shape[-1]), r.slot_rows), None
+        return r.sum_slots(r.slot_rows_of(grad)), None
+
+
+class _CombineRows(torch.autograd.Function):
+    """`Routing.combine` through the Triton kernels: out[t] = Σ_j w[t, j]·y[slot_rows[t, j]] (FP32, slot order, one
+    rounding); backward: grad_y scattered to the picked rows (zeros elsewhere), grad_w the per-slot dot products."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, routing: Routing, out_dtype: torch.dtype):
+        from hf_lowbit.kernels.routing import sum_slots
+
+        ctx.routing = routing
+        ctx.save_for_backward(y, weights)
+        return sum_slots(y, routing.slot_rows, weights.float(), out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from hf_lowbit.kernels.routing import combine_rows_backward
+
+        y, weights = ctx.saved_tensors
+        gy, gw = combine_rows_backward(grad, y, ctx.routing.slot_rows, weights.float())
+        return gy, gw.to(weights.dtype), None, None
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -128,3 +128,26 @@ def test_quantizer_probe_copy_kernel_and_bad_input(tmp_path, capsys):
     out.write_text("keep")
     cases = [(["--m", "0"], "--m=0 is not valid"), (["--out", str(out)], "exists")] + _cuda_cases()
     _assert_refused(probe_quantizer.main, cases, capsys, out)
+
+
+def test_sass_count_of_the_quantizer_compiles_for_hopper_without_a_gpu(tmp_path):
+    """scripts/count_sass.py compiles the quantizer for sm_90 on this machine (a fresh process: the kernels must not
+    be the interpreter's) and counts its common-path instructions; unknown constexprs are refused up front."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "count_sass.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.json"
+    run = subprocess.run([sys.executable, str(script), "mx:IS_NV=False,B=32", "--json", str(out)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode != 0 and "ptxas is missing" in run.stderr:
+        pytest.skip("this Triton install has no NVIDIA backend tools")
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())["variants"]["mx"]
+    assert row["consts"] == {"IS_NV": False, "B": 32}
+    # 64×64 tile, 128 threads: 32 elements per thread and axis; the compare-and-select rounding alone is ≥ 14 each
+    assert 64 * 14 < row["instructions"] < 20000 and 0 < row["registers"] <= 255
+    assert row["opcodes"]["FSETP"] >= 64 * 7 and "CALL" not in row["opcodes"]  # no IEEE division in MXFP4
+    bad = subprocess.run([sys.executable, str(script), "x:NOPE=1"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "NOPE=1" in bad.stderr and "KEY one of" in bad.stderr
