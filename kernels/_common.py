@@ -158,18 +158,10 @@ def e8m0_inv_scale(b):
 @triton.jit
 def round_e2m1(a, SR: tl.constexpr, rnd):
     """Scaled FP32 → 4-bit E2M1 code (int32 0..15): RTN ties-to-even-code, or SR with uniform noise `rnd`."""
-    mag = tl.abs(a)
-    if SR:
-        c = tl.where(mag > 6.0, 6.0, mag)
-        c = tl.where(mag != mag, 0.0, c)
-        lo = ((c >= 0.5).to(tl.int32) + (c >= 1.0).to(tl.int32) + (c >= 1.5).to(tl.int32)
-              + (c >= 2.0).to(tl.int32) + (c >= 3.0).to(tl.int32) + (c >= 4.0).to(tl.int32))
-        lof = lo.to(tl.float32)
-        lo_val = tl.where(lo < 4, lof * 0.5, tl.where(lo < 6, lof - 2.0, 4.0))
-        inv_step = tl.where(lo < 4, 2.0, tl.where(lo < 6, 1.0, 0.5))
-        p_up = (c - lo_val) * inv_step
-        idx = lo + (rnd < p_up).to(tl.int32)
+    if SR:  # the code of the value e2m1_rounded picks (its sign bit set for a < 0, −0 included)
+        idx = _e2m1_index(tl.abs(e2m1_rounded(a, SR, rnd)))
     else:
+        mag = tl.abs(a)
         idx = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
                + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
                + (mag > 5.0).to(tl.int32))
@@ -179,31 +171,31 @@ def round_e2m1(a, SR: tl.constexpr, rnd):
 @triton.jit
 def e2m1_rounded(a, SR: tl.constexpr, rnd):
     """The signed E2M1 value (FP32) that `round_e2m1(a, SR, rnd)` encodes, without forming the code:
-    `e2m1_value(round_e2m1(a, SR, rnd))` bit for bit (−0.0 where the code is 8), in about half the instructions.
+    `e2m1_value(round_e2m1(a, SR, rnd))` bit for bit for RTN (−0.0 where the code is 8), in about a third of the
+    instructions.
 
-    RTN walks the seven decision boundaries with compare-and-select on |a|; SR picks the grid point below or above."""
+    |a| is clamped to 6 (NaN → 0); b = 2^⌊log2 |a|⌋ (1 below 1) sets the grid step b/2. RTN adds and subtracts
+    c = 2^22·b, whose ulp is that step, so the FP32 addition rounds to the grid with ties to even, which are the
+    reference's ties (0.25 → 0, 0.75 → 1, 1.25 → 1, 1.75 → 2, 2.5 → 2, 3.5 → 4, 5 → 4). SR adds uniform noise
+    times the step and takes the grid point at or below: the upper neighbour with probability (|a| − lower)/step."""
     mag = tl.abs(a)
+    m = tl.minimum(mag, 6.0)
+    m = tl.where(mag != mag, 0.0, m)
+    b = tl.maximum((m.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True), 1.0)
     if SR:
-        c = tl.where(mag > 6.0, 6.0, mag)
-        c = tl.where(mag != mag, 0.0, c)
-        lo_val = tl.where(c >= 0.5, 0.5, 0.0)
-        lo_val = tl.where(c >= 1.0, 1.0, lo_val)
-        lo_val = tl.where(c >= 1.5, 1.5, lo_val)
-        lo_val = tl.where(c >= 2.0, 2.0, lo_val)
-        lo_val = tl.where(c >= 3.0, 3.0, lo_val)
-        lo_val = tl.where(c >= 4.0, 4.0, lo_val)
-        step = tl.where(c < 2.0, 0.5, tl.where(c < 4.0, 1.0, 2.0))
-        inv_step = tl.where(c < 2.0, 2.0, tl.where(c < 4.0, 1.0, 0.5))
-        v = tl.where(rnd < (c - lo_val) * inv_step, lo_val + step, lo_val)
+        z = m + rnd * (b * 0.5)
+        v = tl.where(z >= 1.0, (z.to(tl.int32, bitcast=True) & -4194304).to(tl.float32, bitcast=True),
+                     tl.where(z >= 0.5, 0.5, 0.0))  # one mantissa bit at or above 1, multiples of 1/2 below
     else:
-        v = tl.where(mag > 0.25, 0.5, 0.0)
-        v = tl.where(mag >= 0.75, 1.0, v)
-        v = tl.where(mag > 1.25, 1.5, v)
-        v = tl.where(mag >= 1.75, 2.0, v)
-        v = tl.where(mag > 2.5, 3.0, v)
-        v = tl.where(mag >= 3.5, 4.0, v)
-        v = tl.where(mag > 5.0, 6.0, v)
+        c = b * 4194304.0
+        v = (m + c) - c
     return tl.where(a < 0, -v, v)
+
+
+@triton.jit
+def _e2m1_index(v):
+    """Magnitude index 0..7 of an E2M1 grid value v >= 0 (0, 0.5, 1, 1.5, 2, 3, 4, 6)."""
+    return tl.where(v >= 1.0, (v.to(tl.int32, bitcast=True) >> 22) - 252, (v * 2.0).to(tl.int32))
 
 
 @triton.jit

@@ -281,9 +281,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         r = tl.reshape(r2, [BM, NBK, HB, 2])
         amax_b = tl.max(tl.max(tl.where(r != r, float("inf"), tl.abs(r)), axis=3), axis=2)
         if SR:
-            poff = rows[:, None, None] * (KP // 2) + (pk * (BK // 2) + nb[:, None] * HB + jj[None, :])[None, :, :]
-            u0, u1, u2, u3 = tl.randint4x(seed_row, poff)
-            rnd = tl.join(_uniform(u0), _uniform(u1))
+            # one Philox call per 4 elements (all four words used): element (pair jj = 2q + s, p) takes word 2p + s
+            QB: tl.constexpr = HB // 2
+            qq = tl.arange(0, QB)
+            qoff = rows[:, None, None] * (KP // 4) + (pk * (BK // 4) + nb[:, None] * QB + qq[None, :])[None, :, :]
+            u0, u1, u2, u3 = tl.randint4x(seed_row, qoff)
+            rnd = tl.reshape(tl.join(tl.join(_uniform(u0), _uniform(u1)), tl.join(_uniform(u2), _uniform(u3))),
+                             [BM, NBK, HB, 2])
         else:
             rnd = 0.0
         if IS_NV:
@@ -343,10 +347,12 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         ao = tl.where(ro != ro, float("inf"), tl.abs(ro))
         amax_c = tl.max(tl.maximum(ae, ao), axis=1)
         if SR:
-            coff = (rowe // 2)[:, :, None] * K + cols[None, None, :]
+            # one Philox call per 2 rows × 2 columns: even row (v0, v1), odd row (v2, v3) for columns 2c, 2c + 1
+            cq = pk * (BK // 2) + tl.arange(0, BK // 2)
+            coff = (rowe // 2)[:, :, None] * ((K + 1) // 2) + cq[None, None, :]
             v0, v1, v2, v3 = tl.randint4x(seed_col, coff)
-            rnd_e = _uniform(v0)
-            rnd_o = _uniform(v1)
+            rnd_e = tl.reshape(tl.join(_uniform(v0), _uniform(v1)), [NBM, HB, BK])
+            rnd_o = tl.reshape(tl.join(_uniform(v2), _uniform(v3)), [NBM, HB, BK])
         else:
             rnd_e = 0.0
             rnd_o = 0.0
