@@ -81,6 +81,20 @@ def reload_env_settings() -> None:
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def abs_max(x, axis):
+    """max |x| along `axis` with NaN read as +inf (a block holding NaN gets a non-finite scale, as in the reference):
+    a NaN-propagating max (one instruction per element, the abs a free operand modifier) and one select per
+    result instead of a compare and a select per element."""
+    m = tl.reduce(tl.abs(x), axis, _max_nan)
+    return tl.where(m != m, float("inf"), m)
+
+
+@triton.jit
 def e4m3_rne(s):
     """Round a non-negative FP32 value (already clamped to <= 448, or NaN) to E4M3, ties to even.
 

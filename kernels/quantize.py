@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne, e8m0_from_amax,
+from hf_lowbit.kernels._common import (abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne, e8m0_from_amax,
                                        e8m0_inv_scale, e8m0_scale, env_setting, interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
@@ -279,7 +279,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         else:
             r2 = x2
         r = tl.reshape(r2, [BM, NBK, HB, 2])
-        amax_b = tl.max(tl.max(tl.where(r != r, float("inf"), tl.abs(r)), axis=3), axis=2)
+        amax_b = abs_max(tl.reshape(r, [BM, NBK, B]), 2)
         if SR:
             # one Philox call per 4 elements (all four words used): element (pair jj = 2q + s, p) takes word 2p + s
             QB: tl.constexpr = HB // 2
@@ -343,9 +343,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
         else:
             re = xe
             ro = xo
-        ae = tl.where(re != re, float("inf"), tl.abs(re))
-        ao = tl.where(ro != ro, float("inf"), tl.abs(ro))
-        amax_c = tl.max(tl.maximum(ae, ao), axis=1)
+        amax_c = abs_max(tl.maximum(tl.abs(re), tl.abs(ro), propagate_nan=tl.PropagateNan.ALL), 1)
         if SR:
             # one Philox call per 2 rows × 2 columns: even row (v0, v1), odd row (v2, v3) for columns 2c, 2c + 1
             cq = pk * (BK // 2) + tl.arange(0, BK // 2)
@@ -403,7 +401,7 @@ def _quantize_vector_block(mu, cols, ts, seed, BK: tl.constexpr, B: tl.constexpr
     `ts` is the NVFP4 tensor scale (ignored for MXFP4); SR draws Philox(seed, cols)."""
     NB: tl.constexpr = BK // B
     m2 = tl.reshape(mu, [NB, B])
-    amax_b = tl.max(tl.where(m2 != m2, float("inf"), tl.abs(m2)), axis=1)
+    amax_b = abs_max(m2, 1)
     if IS_NV:
         sbf, sbyte = _nv_block_scale(amax_b, ts)
         sbf = tl.where(ts != ts, float("nan"), sbf)

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.averis import HADAMARD_BLOCK
-from hf_lowbit.kernels._common import (cdiv, dummy_tensors, e2m1_rounded, e8m0_from_amax, e8m0_inv_scale, e8m0_scale,
-                                       env_choice, interpreting)
+from hf_lowbit.kernels._common import (abs_max, cdiv, dummy_tensors, e2m1_rounded, e8m0_from_amax, e8m0_inv_scale,
+                                       e8m0_scale, env_choice, interpreting)
 from hf_lowbit.kernels.quantize import _fast, _nv_scaled, _nv_scales, _nv_tensor_scale, check_rounding_args
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
@@ -116,7 +116,7 @@ def _token_axis_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, rowok_ptr, GL,
                                   BM, BK)
     NBQ: tl.constexpr = BM // B
     tq = tl.reshape(t, [NBQ, B, BK])
-    amax_b = tl.max(tl.where(tq != tq, float("inf"), tl.abs(tq)), axis=1)
+    amax_b = abs_max(tq, 1)
     if SR:
         rnd = tl.reshape(tl.rand(seed, rows[:, None] * K + cols[None, :]), [NBQ, B, BK])
     else:
