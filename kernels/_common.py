@@ -30,9 +30,10 @@ def next_pow2(n: int) -> int:
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: Compiled kernels round to E4M3 with the hardware conversion (`cvt.rn.satfinite.e4m3x2.f32`: one instruction per
-#: pair); the CPU interpreter's casts do not round like the hardware, so it keeps the bit-arithmetic path.
-HW_FP8_CAST = tl.constexpr(not _INTERPRET)
+#: True in compiled kernels, False under the interpreter: hardware conversions (`cvt.rn.satfinite.e4m3x2.f32`) and
+#: libdevice calls exist only there (the interpreter's casts truncate and it has no libdevice), so device functions
+#: branch on it at compile time.
+COMPILED = tl.constexpr(not _INTERPRET)
 
 
 def interpreting() -> bool:
@@ -100,7 +101,7 @@ def e4m3_rne(s):
 
     Returns (value as FP32, E4M3 bit pattern as int32). NaN gives (NaN, 0x7F) like torch's cast.
     """
-    if HW_FP8_CAST:  # RNE with saturation, NaN → 0x7F: the same result in ~3 instructions instead of ~20
+    if COMPILED:  # RNE with saturation, NaN → 0x7F: the same result in ~3 instructions instead of ~20
         f8 = s.to(tl.float8e4nv)
         return f8.to(tl.float32), f8.to(tl.uint8, bitcast=True).to(tl.int32)
     isnan = s != s

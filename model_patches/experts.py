@@ -37,16 +37,37 @@ CAPACITY_MULTIPLE = 32  # the largest FP4 block size (MXFP4)
 ROUTING_KERNELS_ON_CPU = False
 
 
-def _routing_kernels(t: torch.Tensor) -> bool:
-    """Whether `Routing` moves rows through `hf_lowbit.kernels.routing` (CUDA, HF_LOWBIT_ROUTING=triton, the
-    default) or through torch ops (CPU, or HF_LOWBIT_ROUTING=torch)."""
+def _expert_kernels(t: torch.Tensor, switch: str) -> bool:
+    """Whether the experts' row moves / gated activation run as Triton kernels (CUDA with the `switch` at its
+    default "triton") or as torch ops (CPU, or the switch set to "torch")."""
     from hf_lowbit import kernels
 
     if not kernels.TRITON_AVAILABLE or not (t.is_cuda or ROUTING_KERNELS_ON_CPU):
         return False
     from hf_lowbit.kernels._common import env_choice
 
-    return env_choice("HF_LOWBIT_ROUTING", ("triton", "torch")) == "triton"
+    return env_choice(switch, ("triton", "torch")) == "triton"
+
+
+def _routing_kernels(t: torch.Tensor) -> bool:
+    """`Routing` moves rows through `hf_lowbit.kernels.routing` (HF_LOWBIT_ROUTING)."""
+    return _expert_kernels(t, "HF_LOWBIT_ROUTING")
+
+
+def _is_silu(act_fn: nn.Module) -> bool:
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
+def gated_activation(gate_up: torch.Tensor, mask: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """act_fn(gate) · up · mask of expert-major rows [E, C, 2I] (gate columns first) with the [E, C] row mask:
+    one Triton pass each way for SiLU (`hf_lowbit.kernels.expert_act`, HF_LOWBIT_EXPERT_ACT), else torch ops;
+    padding rows stay exactly zero."""
+    if _is_silu(act_fn) and _expert_kernels(gate_up, "HF_LOWBIT_EXPERT_ACT"):
+        from hf_lowbit.kernels.expert_act import gated_silu
+
+        return gated_silu(gate_up, mask)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate) * up * mask[..., None].to(up.dtype)
 
 
 @dataclass
@@ -336,8 +357,7 @@ class LowBitExperts(nn.Module):
         routing = Routing.from_top_k(top_k_index, self.num_experts)
         gate_up, down = self.expert_weights() if self.mode == "train" else (None, None)
         x = routing.gather(hidden_states)
-        gate, up = self._linear(x, routing.mask, 0, gate_up).chunk(2, dim=-1)
-        h = self.act_fn(gate) * up * routing.mask[..., None].to(up.dtype)  # padding rows stay exactly zero
+        h = gated_activation(self._linear(x, routing.mask, 0, gate_up), routing.mask, self.act_fn)
         y = self._linear(h, routing.mask, 1, down)
         if self.mode == "train":
             self.calls += 1

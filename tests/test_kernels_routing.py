@@ -1,5 +1,6 @@
-"""MoE routing moves (kernels/routing.py) against the torch path of `Routing` and an FP64 reference: the gather into
-the expert-major layout, the slot sums of its backward, and the weighted combine with both of its gradients.
+"""MoE experts' row moves (kernels/routing.py) against the torch path of `Routing` and an FP64 reference: the gather
+into the expert-major layout, the slot sums of its backward, and the weighted combine with both of its gradients;
+the gated SiLU (kernels/expert_act.py) against the torch chain it replaces.
 
 Runs on the CPU under TRITON_INTERPRET=1 (tiny shapes) and, unchanged, on a CUDA GPU without the interpreter.
 """
@@ -104,3 +105,39 @@ def test_unknown_routing_switch_is_refused(monkeypatch):
     monkeypatch.setattr(experts_mod, "ROUTING_KERNELS_ON_CPU", True)
     with kernel_switch(monkeypatch, "HF_LOWBIT_ROUTING", "cuda"), pytest.raises(ValueError, match="allowed"):
         r.gather(torch.zeros(8, 16, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gated_silu_equals_the_torch_chain(dtype, monkeypatch):
+    """h = SiLU(gate)·up·mask and its gate_up gradient: bit for bit the torch ops on CUDA (same expf, division,
+    roundings and FMA); within one ulp of the activation dtype under the interpreter, whose exp is numpy's."""
+    from torch import nn
+
+    from hf_lowbit.model_patches.experts import gated_activation
+
+    gen = torch.Generator().manual_seed(7)
+    e, c, i = 3, 32, 40  # i: a ragged chunk
+    gu0 = (torch.randn(e, c, 2 * i, generator=gen) * 3).to(dtype)
+    gu0[0, 0, 0] = 90.0   # exp(-x) underflows
+    gu0[0, 0, 1] = -90.0  # exp(-x) overflows to inf: SiLU → -0
+    gu0 = gu0.to(DEV)
+    mask = (torch.rand(e, c, generator=gen) > 0.25).float().to(DEV)
+    dh = torch.randn(e, c, i, generator=gen).to(dtype).to(DEV)
+    got = {}
+    for kernels in (True, False):
+        with routing_path(monkeypatch, kernels), kernel_switch(monkeypatch, "HF_LOWBIT_EXPERT_ACT",
+                                                               "triton" if kernels else "torch"):
+            gu = gu0.clone().requires_grad_(True)
+            h = gated_activation(gu, mask, nn.SiLU())
+            h.backward(dh)
+            got[kernels] = (h.detach(), gu.grad)
+    assert (got[True][0][mask == 0] == 0).all()
+    for a, b in zip(got[True], got[False]):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        if DEV == "cuda":
+            assert torch.equal(a, b)
+        elif dtype == torch.bfloat16:  # one rounding to BF16 after FP32 math that may differ in its last bits
+            diff = (a.float() - b.float()).abs()
+            assert (diff <= 2.0 ** -7 * b.float().abs() + 1e-30).all() and (diff == 0).float().mean() > 0.97
+        else:  # torch's CPU SiLU backward has its own operation order (no FMA)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
