@@ -186,8 +186,8 @@ def round_e2m1(a, SR: tl.constexpr, rnd):
 @triton.jit
 def e2m1_rounded(a, SR: tl.constexpr, rnd):
     """The signed E2M1 value (FP32) that `round_e2m1(a, SR, rnd)` encodes, without forming the code:
-    `e2m1_value(round_e2m1(a, SR, rnd))` bit for bit for RTN (−0.0 where the code is 8), in about a third of the
-    instructions.
+    `e2m1_value(round_e2m1(a, SR, rnd))` bit for bit for RTN (Triton negates as 0 − x, so both give +0.0 where the
+    code is 8: value-equal to the reference's −0.0), in about a third of the instructions.
 
     |a| is clamped to 6 (NaN → 0); b = 2^⌊log2 |a|⌋ (1 below 1) sets the grid step b/2. RTN adds and subtracts
     c = 2^22·b, whose ulp is that step, so the FP32 addition rounds to the grid with ties to even, which are the
