@@ -91,8 +91,11 @@ def abs_max(x, axis):
     """max |x| along `axis` with NaN read as +inf (a block holding NaN gets a non-finite scale, as in the reference):
     a NaN-propagating max (one instruction per element, the abs a free operand modifier) and one select per
     result instead of a compare and a select per element."""
-    m = tl.reduce(tl.abs(x), axis, _max_nan)
-    return tl.where(m != m, float("inf"), m)
+    if COMPILED:
+        m = tl.reduce(tl.abs(x), axis, _max_nan)
+        return tl.where(m != m, float("inf"), m)
+    return tl.max(tl.where(x != x, float("inf"), tl.abs(x)), axis)  # the same values; the interpreter runs a
+    # custom combine function element by element in Python
 
 
 @triton.jit
