@@ -108,20 +108,6 @@ def mismatches(old, new, tensors) -> list[str]:
     return bad
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    """Median ms per call of a CUDA graph holding `reps` calls."""
-    import torch
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return float(triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")) / reps
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare", metavar="REV", help="write REV's quantizer sources into DIR/qh and stop")
@@ -148,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no CUDA device: this script times GPU kernels; allowed: a machine with a CUDA GPU")
     sys.path.insert(0, str(folder))
     old = importlib.import_module("qh.quantize")
+    from probe_quantizer import graph_ms  # scripts/ is on the path when this runs as a script
+
     from hf_lowbit.kernels import quantize as new
 
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16) + 1.0

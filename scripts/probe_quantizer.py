@@ -36,7 +36,7 @@ def _tiled_copy_kernel(x_ptr, y_ptr, z_ptr, M, K, BM: tl.constexpr, BK: tl.const
         tl.store(z_ptr + off, x.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _graph_ms(fn, reps: int = 20) -> float:
+def graph_ms(fn, reps: int = 20) -> float:
     """Median ms per call of a CUDA graph holding `reps` calls (no host launch overhead)."""
     fn()
     torch.cuda.synchronize()
@@ -72,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": name, "us": ms * 1e3, "tbs": tbs})
         print(f"{name:64s} {ms * 1e3:8.1f} us {tbs:6.2f} TB/s", flush=True)
 
-    add("torch copy (read X, write X)", _graph_ms(lambda: y.copy_(x)), 2 * mb)
+    add("torch copy (read X, write X)", graph_ms(lambda: y.copy_(x)), 2 * mb)
     for bm, bk, w in ((64, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (16, 256, 4)):
         grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
         for two, again, label in ((False, False, "read X, write 1"), (True, False, "read X, write 2"),
                                   (True, True, "read X twice, write 2")):
-            ms = _graph_ms(lambda: _tiled_copy_kernel[grid](x, y, z, M, K, BM=bm, BK=bk, TWO=two,
+            ms = graph_ms(lambda: _tiled_copy_kernel[grid](x, y, z, M, K, BM=bm, BK=bk, TWO=two,
                                                             REREAD=again, num_warps=w))
             add(f"tiled copy {bm}x{bk} w{w}: {label}", ms, mb * (2 + two))
-    add("stats pass alone (read X)", _graph_ms(lambda: _stats(x, True)), mb)
+    add("stats pass alone (read X)", graph_ms(lambda: _stats(x, True)), mb)
     for label, kw, out_mb in (("row axis BF16 dq", dict(row=True, row_packed=False, row_dq=True), mb),
                               ("col axis BF16 dq + col sums", dict(row=False, col=True, col_packed=False,
                                                                    col_dq=True, col_sum=True), mb),
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                           col=True, col_packed=False, col_dq=True,
                                                                           col_sum=True), 2 * mb),
                               ("row axis packed", dict(row=True), mb * 0.28)):
-        ms = _graph_ms(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
+        ms = graph_ms(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
         add(f"averis_quantize nvfp4 rtn {label} (stats + quantize)", ms, 2 * mb + out_mb)
     from hf_lowbit.kernels.token_axis import token_axis_quantize
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         q = averis_quantize(x, "nvfp4", center=True, row=True, row_packed=False, row_dq=True)
         token_axis_quantize(x, q.mean, q.tensor_scale, "nvfp4")
 
-    add("split: row launch + token-axis launch, both BF16 dq + col sums", _graph_ms(split_both), 3 * mb + 2 * mb)
+    add("split: row launch + token-axis launch, both BF16 dq + col sums", graph_ms(split_both), 3 * mb + 2 * mb)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "m": M, "k": K, "torch": torch.__version__,
