@@ -238,6 +238,15 @@ def bf16_rne(v):
 
 
 @triton.jit
+def round_to(v, ptr):
+    """FP32 `v` rounded to nearest even in the element type of `ptr` (BF16 through `bf16_rne`: the interpreter's own
+    cast truncates), returned in that type."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = bf16_rne(v)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Row and column offsets of this program's [BM, BN] output tile, tiles visited in GROUP_M-row bands (L2 reuse
     of the B operand across neighbouring programs), from the linear program id on grid axis 0."""

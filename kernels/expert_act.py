@@ -15,18 +15,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from hf_lowbit.kernels._common import COMPILED, bf16_rne, cdiv, interpreting
+from hf_lowbit.kernels._common import COMPILED, cdiv, interpreting, round_to
 
 _BI = 1024
 
 
 @triton.jit
 def _round(v, ptr):
-    """FP32 → the element type of `ptr`, round to nearest even (BF16 via bf16_rne: the interpreter's cast truncates),
-    kept in FP32 (the value a torch op in that dtype would produce)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        v = bf16_rne(v)
-    return v.to(ptr.dtype.element_ty).to(tl.float32)
+    """FP32 rounded to the element type of `ptr` and kept in FP32: the value a torch op in that dtype produces."""
+    return round_to(v, ptr).to(tl.float32)
 
 
 @triton.jit

@@ -7,8 +7,8 @@ Each kernel here reads its rows once and writes its result once, in a fixed orde
 from run to run), with the numerics of the torch path (`model_patches.experts.Routing`):
 
 * `gather_rows`:   out[r] = hidden[row_token[r]] (zeros where row_token is −1: padding rows);
-* `sum_slots`:     out[t] = Σ_j rows[slot_rows[t, j]] over kept slots (slot_rows ≥ 0), FP32, one rounding;
-* `combine_rows`:  out[t] = Σ_j w[t, j]·y[slot_rows[t, j]], FP32 products and sum, one rounding;
+* `sum_slots`:     out[t] = Σ_j (w[t, j]·) rows[slot_rows[t, j]] over kept slots (slot_rows ≥ 0), FP32 products
+                   and sum, one rounding (unweighted: the gather's backward; weighted: the combine);
 * `combine_rows_backward`: grad_y[slot_rows[t, j]] = g[t]·w[t, j] (zeros elsewhere), grad_w[t, j] = Σ_h g·y.
 
 One program per output row, a loop over the hidden dimension in chunks; sums over the k slots run in slot order.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import bf16_rne, cdiv, interpreting
+from hf_lowbit.kernels._common import cdiv, interpreting, round_to
 
 _BH = 1024  # hidden-dimension chunk per loop step (16-byte vectors, 4 warps)
 
@@ -30,15 +30,6 @@ def _chunks(h: int) -> tuple[int, int]:
     bh = min(_BH, triton.next_power_of_2(h))
     n = cdiv(h, bh)
     return bh, (tl.constexpr(n) if interpreting() else n)
-
-
-@triton.jit
-def _round_to(v, ptr):
-    """FP32 `v` in the element type of `ptr`, rounded to nearest even (BF16 through `bf16_rne`: the interpreter's
-    own cast truncates)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        v = bf16_rne(v)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -66,7 +57,7 @@ def _slot_sum_kernel(rows_ptr, slot_ptr, w_ptr, out_ptr, H, NUM_H, K: tl.constex
             if WEIGHTED:
                 v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
             acc += v
-        tl.store(out_ptr + t * H + cols, _round_to(acc, out_ptr), mask=m)
+        tl.store(out_ptr + t * H + cols, round_to(acc, out_ptr), mask=m)
 
 
 @triton.jit
@@ -84,7 +75,7 @@ def _combine_backward_kernel(g_ptr, y_ptr, slot_ptr, w_ptr, gy_ptr, gw_ptr, H, N
             keep = row >= 0
             w = tl.load(w_ptr + t * K + j).to(tl.float32)
             y = tl.load(y_ptr + tl.maximum(row, 0) * H + cols, mask=m & keep, other=0.0).to(tl.float32)
-            tl.store(gy_ptr + tl.maximum(row, 0) * H + cols, _round_to(g * w, gy_ptr), mask=m & keep)
+            tl.store(gy_ptr + tl.maximum(row, 0) * H + cols, round_to(g * w, gy_ptr), mask=m & keep)
             dots += tl.where(ks == j, tl.sum(g * y, axis=0), 0.0)
     tl.store(gw_ptr + t * K + ks, dots, mask=ks < K)
 

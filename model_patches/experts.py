@@ -144,12 +144,7 @@ class Routing:
         sum's order, hence its bits, vary from run to run)."""
         if _routing_kernels(y):
             return _CombineRows.apply(y.reshape(-1, y.shape[-1]), weights, self, like.dtype)
-        picked = self.slot_rows_of(y)
-        t, k = self.slot_rows.shape
-        prod = (picked * weights.reshape(-1, 1).float()).view(t, k, -1)
-        if self.dropped:
-            prod = torch.where((self.slot_rows >= 0).view(t, k, 1), prod, 0)
-        return prod.sum(1).to(like.dtype)
+        return self.sum_slots(self.slot_rows_of(y) * weights.reshape(-1, 1).float()).to(like.dtype)
 
 
 class _ExpertMajorRows(torch.autograd.Function):

@@ -36,14 +36,15 @@ SR_ONLY_SAME = ("mean", "tensor_scale", "camax", "row.scales", "col.scales")
 
 
 def prepare(rev: str, folder: Path) -> Path:
-    """REV's quantizer sources into folder/qh (their `hf_lowbit.kernels._common` imports pointed at the copy)."""
-    pkg = folder / "qh"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("")
+    """REV's quantizer sources into folder/qh (their `hf_lowbit.kernels._common` imports pointed at the copy); all
+    sources are read from git before anything is written."""
     root = Path(__file__).resolve().parents[1]
-    for name in FILES:
-        src = subprocess.run(["git", "show", f"{rev}:kernels/{name}"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout
+    sources = {name: subprocess.run(["git", "show", f"{rev}:kernels/{name}"], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout for name in FILES}
+    pkg = folder / "qh"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    for name, src in sources.items():
         (pkg / name).write_text(src.replace("from hf_lowbit.kernels._common import", "from qh._common import"))
     return pkg
 
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     folder = Path(a.dir)
     if a.prepare:
+        if (folder / "qh").exists():
+            ap.error(f"--dir={a.dir!r} already holds an earlier version (qh/); allowed: a folder without one "
+                     "(remove it first: nothing is overwritten)")
         try:
             pkg = prepare(a.prepare, folder)
         except subprocess.CalledProcessError as err:

@@ -105,6 +105,13 @@ def test_unknown_routing_switch_is_refused(monkeypatch):
     monkeypatch.setattr(experts_mod, "ROUTING_KERNELS_ON_CPU", True)
     with kernel_switch(monkeypatch, "HF_LOWBIT_ROUTING", "cuda"), pytest.raises(ValueError, match="allowed"):
         r.gather(torch.zeros(8, 16, device=DEV))
+    from torch import nn
+
+    from hf_lowbit.model_patches.experts import gated_activation
+
+    with kernel_switch(monkeypatch, "HF_LOWBIT_EXPERT_ACT", "fused"), pytest.raises(ValueError,
+                                                                                    match="HF_LOWBIT_EXPERT_ACT"):
+        gated_activation(torch.zeros(2, 32, 8, device=DEV), torch.ones(2, 32, device=DEV), nn.SiLU())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -180,6 +180,18 @@ def test_quantizer_ab_prepares_an_earlier_version_and_finds_it_identical(tmp_pat
         x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
         x[3, :16] = 0.0
         assert ab_quantizer.mismatches(old, new, [x]) == []
+
+        class Perturbed:  # a "new" version whose row-axis operand differs in one element
+            @staticmethod
+            def averis_quantize(t, *args, **kw):
+                q = new.averis_quantize(t, *args, **kw)
+                if q.row_dq is not None:
+                    q.row_dq[0, 0] = float("nan")
+                return q
+
+        found = ab_quantizer.mismatches(old, Perturbed, [x])
+        assert found and all(m.endswith("row_dq") or "codes vs dq" in m for m in found)
+        assert "nvfp4 rtn both_dq center=True row_dq" in found
     finally:
         sys.path.remove(str(tmp_path))
         for name in [m for m in sys.modules if m == "qh" or m.startswith("qh.")]:
@@ -188,5 +200,9 @@ def test_quantizer_ab_prepares_an_earlier_version_and_finds_it_identical(tmp_pat
         with pytest.raises(SystemExit) as err:
             ab_quantizer.main(["--dir", str(tmp_path)])
         assert err.value.code == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # an existing copy is not overwritten
+        ab_quantizer.main(["--prepare", "HEAD", "--dir", str(tmp_path)])
+    assert (tmp_path / "qh" / "quantize.py").read_text() == src
+    with pytest.raises(SystemExit):  # an unknown revision: refused before anything is written
         ab_quantizer.main(["--prepare", "no-such-revision", "--dir", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
