@@ -32,9 +32,16 @@ class TorchBackend:
         """Inference linear on a packed FP4 weight (W4A4 or W4A16 per `recipe.activations`)."""
         return averis.packed_linear(x, packed_weight, bias, recipe)
 
+    def prepare_grouped_weight(self, weight: torch.Tensor, recipe: Recipe, seed: int, need_dgrad: bool
+                               ) -> object | None:
+        """The weight's FP4 operands for `grouped_linear_train(..., prepared=)`, computed ahead of the call (the
+        MoE experts enqueue them before their routing's host sync); None: this backend prepares nothing."""
+        return None
+
     def grouped_linear_train(self, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
-                             seed: int) -> torch.Tensor:
-        """W4A4G4 Averis linear of G groups (MoE experts): x [G, L, K] · weight [G, N, K]ᵀ, with autograd."""
+                             seed: int, prepared: object | None = None) -> torch.Tensor:
+        """W4A4G4 Averis linear of G groups (MoE experts): x [G, L, K] · weight [G, N, K]ᵀ, with autograd.
+        `prepared`: what `prepare_grouped_weight(weight, recipe, seed, ...)` returned (the same weight and seed)."""
         return averis.grouped_averis_linear(x, weight, mask, recipe, seed)
 
     def grouped_linear_packed(self, x: torch.Tensor, packed_weight: PackedTensor, mask: torch.Tensor,

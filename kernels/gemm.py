@@ -294,23 +294,33 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
     return out if batched else out[0]
 
 
-GEMM_IMPLS = ("cublas32", "triton", "cublas")  # dense default first
+GEMM_IMPLS = ("auto", "cublas32", "triton", "cublas")  # dense default first
 GROUPED_GEMM_IMPLS = ("cublas32", "triton")   # grouped (MoE experts) default first
+# "auto": a layer whose fprop does at least this many multiply-adds (M·N·K) takes cuBLAS, a smaller one the Triton GEMM.
+# cuBLAS + the epilogue pass is 18-23% faster on the device at M=8192, K, N ≥ 4096 (≥ 1.4e11), but its extra launches
+# cost host time, and at the Qwen3-0.6B width (M=8192, K, N ≤ 3072: ≤ 2.6e10) training is host-bound: 16.8k tokens/s
+# with cuBLAS vs 21.2k with Triton on an H200 (benchmarks/NOTES.md, 2026-11-30 fifth session).
+AUTO_CUBLAS_MIN_WORK = 2 ** 36
 
 
 def _cublas32(*args, **kw):
     return cublas_epilogue(*args, fp32_product=True, **kw)
 
 
-def gemm_fn(grouped: bool = False):
-    """The GEMM with the FP4 epilogue (`scaled_gemm`'s contract). Dense (HF_LOWBIT_GEMM): cuBLAS with an FP32
-    product + one epilogue pass ("cublas32", default: an NVFP4 layer fwd+bwd 18-23% faster than "triton" on an H200,
-    benchmarks/NOTES.md), the Triton GEMM with its fused epilogue ("triton": the same numerics up to summation
-    order), or cuBLAS with a BF16-rounded product + the pass ("cublas": one extra rounding). Grouped MoE experts
-    (HF_LOWBIT_GROUPED_GEMM): batched cuBLAS with an FP32 product + the pass ("cublas32", default: P8 10% faster on
-    an H200, at +1.3 GB of transient FP32 products) or the batched Triton GEMM ("triton")."""
-    impl = env_choice("HF_LOWBIT_GROUPED_GEMM", GROUPED_GEMM_IMPLS) if grouped else env_choice("HF_LOWBIT_GEMM",
-                                                                                              GEMM_IMPLS)
+def gemm_fn(grouped: bool = False, work: int | None = None):
+    """The GEMM with the FP4 epilogue (`scaled_gemm`'s contract). Dense (HF_LOWBIT_GEMM): "auto" (default) picks by
+    the layer's size `work` (= M·N·K of its fprop; see AUTO_CUBLAS_MIN_WORK); cuBLAS with an FP32 product + one
+    epilogue pass ("cublas32": device-faster on large layers, more host time), the Triton GEMM with its fused
+    epilogue ("triton": the same numerics up to summation order, fewer launches), or cuBLAS with a BF16-rounded
+    product + the pass ("cublas": one extra rounding). Grouped MoE experts (HF_LOWBIT_GROUPED_GEMM): batched cuBLAS
+    with an FP32 product + the pass ("cublas32", default: P8 10% faster on an H200, at +1.3 GB of transient FP32
+    products) or the batched Triton GEMM ("triton")."""
+    if grouped:
+        impl = env_choice("HF_LOWBIT_GROUPED_GEMM", GROUPED_GEMM_IMPLS)
+    else:
+        impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
+        if impl == "auto":
+            impl = "cublas32" if work is not None and work >= AUTO_CUBLAS_MIN_WORK else "triton"
     return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 

@@ -14,6 +14,8 @@ that are not a multiple of the block) fall back to the reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -25,14 +27,14 @@ from hf_lowbit.kernels._common import cdiv, interpreting
 from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
-from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
+from hf_lowbit.numerics import get_format
 
 @triton.jit
-def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr, min_ptr,
+def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr, min_ptr, HAS_MASK: tl.constexpr,
                             ROWS_PER: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr):
-    """Partial (row split s, group, column) sum, max and min over the group's real rows (ok != 0) in rows
-    [s·ROWS_PER, (s+1)·ROWS_PER): one read of z. NaN counts as +inf in the max (a NaN group gets a non-finite
-    tensor scale, as in the reference)."""
+    """Partial (row split s, group, column) sum, max and min over the group's real rows (ok != 0; every row without
+    HAS_MASK) in rows [s·ROWS_PER, (s+1)·ROWS_PER): one read of z. NaN counts as +inf in the max (a NaN group gets a
+    non-finite tensor scale, as in the reference)."""
     grp = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     cols = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -42,7 +44,10 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
     acc_min = tl.full([BL, BK], float("inf"), tl.float32)
     for i in range(0, ROWS_PER, BL):
         rows = split * ROWS_PER + i + tl.arange(0, BL)
-        ok = tl.load(ok_ptr + grp * L + rows, mask=rows < L, other=0.0) != 0
+        if HAS_MASK:
+            ok = tl.load(ok_ptr + grp * L + rows, mask=rows < L, other=0.0) != 0
+        else:
+            ok = rows < L
         m = ok[:, None] & cmask[None, :]
         x = tl.load(z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk, mask=m,
                     other=0.0).to(tl.float32)
@@ -53,46 +58,78 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
     tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=cmask)
 
 
-def masked_col_stats(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FP32 column sum, max and min of z [G, L, K] over the rows where mask [G, L] is nonzero (one Triton pass
-    with a fixed number of rows per program, so a changing L (the MoE capacity) never recompiles it)."""
+@triton.jit
+def _group_finalize_kernel(part_ptr, SPLITS, G, K, NUM_K, counts_ptr, mu_ptr, ts_ptr, CENTER: tl.constexpr,
+                           IS_NV: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
+    """One program per group: the splits' partials [3, SPLITS, G, K] → μ = Σ / max(count, 1) (CENTER; else 0) and the
+    NVFP4 tensor scale max_k max(colmax − μ, μ − colmin) / 2688 of the centred residual (exact: FP32 subtraction is
+    monotone). A non-finite column (NaN or Inf in the data, or a NaN μ) gives NaN; a group with no rows gives 0."""
+    grp = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BS)
+    smask = s < SPLITS
+    if CENTER:
+        cnt = tl.maximum(tl.load(counts_ptr + grp), 1.0)
+    amax = tl.zeros([BK], dtype=tl.float32)
+    bad = tl.zeros([BK], dtype=tl.int32)
+    for it in range(NUM_K):
+        cols = it * BK + tl.arange(0, BK)
+        cmask = cols < K
+        m2 = smask[:, None] & cmask[None, :]
+        off = (s[:, None] * G + grp) * K + cols[None, :]
+        if CENTER:
+            tot = tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0), axis=0)
+            mu = tl.math.div_rn(tot, tl.zeros_like(tot) + cnt)
+        else:
+            mu = tl.zeros([BK], dtype=tl.float32)
+        tl.store(mu_ptr + grp * K + cols, mu, mask=cmask)
+        if IS_NV:
+            mx = tl.max(tl.load(part_ptr + SPLITS * G * K + off, mask=m2, other=float("-inf")), axis=0)
+            mn = tl.min(tl.load(part_ptr + 2 * SPLITS * G * K + off, mask=m2, other=float("inf")), axis=0)
+            ca = tl.maximum(mx - mu, mu - mn)  # −inf for a column without rows: counts as 0 below
+            bad = bad | (cmask & ((ca != ca) | (ca == float("inf")))).to(tl.int32)
+            amax = tl.maximum(amax, tl.where(cmask & (ca > 0), ca, 0.0))
+    if IS_NV:
+        a = tl.max(amax, axis=0)
+        ts = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.math.div_rn(a, 2688.0 + tl.zeros_like(a)))
+        tl.store(ts_ptr + grp, ts)
+
+
+def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """FP32 partial column sums, maxima and minima [3, splits, G, K] of z [G, L, K] over the rows where mask [G, L]
+    is nonzero (every row for None), per split of a fixed number of rows (so that a changing L, the MoE capacity,
+    never recompiles the kernel), and the split count. One Triton pass."""
     g, length, k = z.shape
-    ok = mask.float().contiguous()
+    ok = mask.float().contiguous() if mask is not None else z
     rows_per, bk = (32, 64) if interpreting() else (256, 128)
     splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
     _group_col_stats_kernel[(cdiv(k, bk), g, splits)](
-        z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2],
+        z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2], HAS_MASK=mask is not None,
         ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
-    if splits == 1:
-        return part[0, 0], part[1, 0], part[2, 0]
-    return part[0].sum(0), part[1].amax(0), part[2].amin(0)
+    return part, splits
 
 
 def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-group mean over real rows (zeros when not centring) and NVFP4 tensor scale of the centred residual.
+    """Per-group mean over real rows (zeros when not centring) and NVFP4 tensor scale of the centred residual: two
+    launches (the column statistics, then one program per group for μ and the scale).
 
     `mask` [G, L] marks real rows (None: all rows are real); `counts` [G] real rows per group (only read when
     centring). ``max |z − μ|`` over a column is ``max(colmax − μ, μ − colmin)`` exactly (FP32 subtraction is
     monotone), so no centred copy is built; a non-finite maximum gives a NaN tensor scale, as in the reference.
     """
     g, _, k = z.shape
-    if mask is not None and (center or is_nv):
-        total, colmax, colmin = masked_col_stats(z, mask)
-    else:
-        total = z.sum(1, dtype=torch.float32) if center else None
-        colmin = colmax = None
-    mu = (total / counts.clamp(min=1)[:, None] if center
-          else torch.zeros(g, k, device=z.device, dtype=torch.float32))
-    if not is_nv:
-        return mu, None
-    if colmax is None:
-        colmin, colmax = (t.float() for t in torch.aminmax(z, dim=1))  # one pass over z
-    amax = torch.maximum(colmax - mu, mu - colmin).amax(1).clamp(min=0)
-    ts = torch.where(torch.isfinite(amax), divide_exactly(amax, NVFP4_TENSOR_SCALE_DIVISOR),
-                     torch.full_like(amax, float("nan")))
-    return mu, ts
+    mu = torch.empty(g, k, device=z.device, dtype=torch.float32)
+    if not (center or is_nv):
+        return mu.zero_(), None
+    part, splits = masked_col_stats(z, mask)
+    ts = torch.empty(g, device=z.device, dtype=torch.float32) if is_nv else mu
+    bk = min(256, triton.next_power_of_2(k))
+    n_k = cdiv(k, bk)
+    cnt = counts.float().contiguous() if center else mu
+    _group_finalize_kernel[(g,)](part, splits, g, k, tl.constexpr(n_k) if interpreting() else n_k, cnt, mu, ts,
+                                 CENTER=center, IS_NV=is_nv, BS=triton.next_power_of_2(splits), BK=bk, num_warps=4)
+    return mu, ts if is_nv else None
 
 
 def _scale(*scales: torch.Tensor | None) -> torch.Tensor | float:
@@ -137,12 +174,45 @@ def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tens
     return z_row, z_col, ts_col
 
 
+@dataclass
+class PreparedWeight:
+    """A grouped weight's FP4 operands: BF16 code × block scale along K (fprop) and along N (dgrad, or None), and
+    the per-group NVFP4 tensor scales (None for MXFP4)."""
+
+    row: torch.Tensor                  # [G, N, K]
+    col: torch.Tensor | None           # [G·N, K]
+    tensor_scale: torch.Tensor | None  # [G]
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _all_rows(n: int, device: torch.device) -> torch.Tensor:
+    """A cached [n] uint8 tensor of ones (the weights' rows are all real): no fill launch per step."""
+    key = (n, str(device))
+    if key not in _ONES:
+        _ONES[key] = torch.ones(n, device=device, dtype=torch.uint8)
+    return _ONES[key]
+
+
+def prepare_grouped_weight(weight: torch.Tensor, recipe: Recipe, seed: int, need_dgrad: bool) -> PreparedWeight:
+    """Quantize weight [G, N, K] for the grouped linear (per-group tensor scales; the dgrad copy if `need_dgrad`):
+    three launches (column statistics, scales, the quantizer)."""
+    is_nv = get_format(recipe.format).scale_kind == "e4m3"
+    g, n, k = weight.shape
+    w_mu, ts_w = group_stats(weight, None, None, False, is_nv)
+    w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, _all_rows(g * n, weight.device), w_mu, ts_w,
+                                       recipe.format, "sr" if recipe.sr_weights else "rtn", seed31(seed, 22),
+                                       row=True, col=need_dgrad, mx_scale=recipe.mx_scale)
+    return PreparedWeight(w_row.view(g, n, k), w_col, ts_w)
+
+
 class TritonGroupedAverisLinear(torch.autograd.Function):
     """W4A4G4 Averis linear over G groups with the Triton quantizer (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
-                seed: int) -> torch.Tensor:
+                seed: int, prepared: PreparedWeight | None) -> torch.Tensor:
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fmt = get_format(recipe.format)
         is_nv = fmt.scale_kind == "e4m3"
@@ -155,12 +225,9 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         mu_x, ts_x = group_stats(xp, mp, counts, recipe.center_activations, is_nv)
         x_row, x_col, ts_xc = _wgrad_operand(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe,
                                              "sr" if recipe.sr_activations else "rtn", seed, 21, True, need_wgrad)
-        w_mu, ts_w = group_stats(weight, None, None, False, is_nv)
-        all_rows = torch.ones(g * n, device=x.device, dtype=torch.bool)
-        w_row, w_col = grouped_quantize_dq(weight.reshape(g * n, k), n, all_rows, w_mu, ts_w,
-                                           recipe.format, "sr" if recipe.sr_weights else "rtn", seed31(seed, 22),
-                                           row=True, col=need_dgrad, mx_scale=recipe.mx_scale)
-        w_row = w_row.view(g, n, k)
+        if prepared is None or (need_dgrad and prepared.col is None):
+            prepared = prepare_grouped_weight(weight, recipe, seed, need_dgrad)
+        w_row, w_col, ts_w = prepared.row, prepared.col, prepared.tensor_scale
         mu_x_q = vrow = None
         if recipe.center_activations:
             mu_x_q, mu_x_u, ts_mu = group_mean_quantized(mu_x, recipe.format, "sr" if recipe.sr_activations else "rtn",
@@ -213,17 +280,19 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                 r2 = (mu_d_q, x_sum_s if mu_x_q is None else x_sum_s + counts[:, None] * mu_x_q)
             dw = gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_dc, ts_x,
                              None, r1, r2)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
-def supports_grouped(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> bool:
-    """Shapes and recipes the grouped Triton path covers (else the reference runs)."""
+def supports_grouped(x: torch.Tensor | None, weight: torch.Tensor, recipe: Recipe) -> bool:
+    """Shapes and recipes the grouped Triton path covers (else the reference runs); x=None: the weight's part."""
     b = get_format(recipe.format).block_size
-    return (recipe.block_axis == "reduction" and recipe.weight_blocks == "1d"
-            and x.dim() == 3 and x.numel() > 0 and weight.shape[1] % b == 0 and weight.shape[-1] > 0)
+    return (recipe.block_axis == "reduction" and recipe.weight_blocks == "1d" and weight.dim() == 3
+            and (x is None or (x.dim() == 3 and x.numel() > 0)) and weight.shape[1] % b == 0
+            and weight.shape[-1] > 0)
 
 
 def triton_grouped_linear_train(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, recipe: Recipe,
-                                seed: int = 0) -> torch.Tensor:
-    """x [G, L, K], weight [G, N, K], mask [G, L] (1 = real token) → [G, L, N] with autograd."""
-    return TritonGroupedAverisLinear.apply(x, weight, mask.to(torch.float32), recipe, seed)
+                                seed: int = 0, prepared: PreparedWeight | None = None) -> torch.Tensor:
+    """x [G, L, K], weight [G, N, K], mask [G, L] (1 = real token) → [G, L, N] with autograd; `prepared`: the
+    weight's operands from `prepare_grouped_weight(weight, recipe, seed, ...)` (else computed here)."""
+    return TritonGroupedAverisLinear.apply(x, weight, mask.to(torch.float32), recipe, seed, prepared)

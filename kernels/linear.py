@@ -28,7 +28,7 @@ from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import env_choice
 from hf_lowbit.kernels.gemm import gemm_fn, matvec
 from hf_lowbit.kernels.gemv import MAX_TOKENS, w4a16_linear
-from hf_lowbit.kernels.grouped import supports_grouped, triton_grouped_linear_train
+from hf_lowbit.kernels.grouped import prepare_grouped_weight, supports_grouped, triton_grouped_linear_train
 from hf_lowbit.kernels.mx_fp8 import mx_fp8_linear_train
 from hf_lowbit.kernels.quantize import averis_quantize, quantize_2d, seed31
 from hf_lowbit.kernels.token_axis import hadamard_col_quantize, split_col_kernel, token_axis_quantize
@@ -69,7 +69,8 @@ class TritonAverisLinear(torch.autograd.Function):
     def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
                 seed: int) -> torch.Tensor:
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gemm = gemm_fn()
+        ctx.work = x2d.shape[0] * weight.shape[0] * weight.shape[1]
+        gemm = gemm_fn(work=ctx.work)
         qx, x_col = quantize_operand(x2d, recipe, recipe.center_activations, "sr" if recipe.sr_activations else "rtn",
                                      seed31(seed, 11), True, need_wgrad, True, seed)
         qw, w_col = quantize_operand(weight, recipe, False, "sr" if recipe.sr_weights else "rtn", seed31(seed, 12),
@@ -94,7 +95,7 @@ class TritonAverisLinear(torch.autograd.Function):
         xc, xsum, ts_x, mu_x_q, wc, ts_w = [next(it) if h else None for h in ctx.has]
         recipe = ctx.recipe
         need_dgrad, need_wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gemm = gemm_fn()
+        gemm = gemm_fn(work=ctx.work)
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
         qd, (d_col, d_sum, ts_dc) = quantize_operand(dy, recipe, recipe.center_gradients,
                                                      "sr" if recipe.sr_gradients else "rtn", seed31(ctx.seed, 13),
@@ -137,12 +138,20 @@ class TritonBackend(TorchBackend):
                 return fn(x, weight, bias, recipe, seed)
         return fn(x, weight, bias, recipe, seed)
 
-    def grouped_linear_train(self, x, weight, mask, recipe, seed):
+    def _grouped(self, weight, recipe, x=None) -> bool:
         # default since its H200 run (4.3x faster than the reference, benchmarks/NOTES.md); =0 forces the reference
-        if env_choice("HF_LOWBIT_GROUPED_TRITON", ("1", "0")) == "0" or not supports_grouped(x, weight, recipe):
+        return env_choice("HF_LOWBIT_GROUPED_TRITON", ("1", "0")) == "1" and supports_grouped(x, weight, recipe)
+
+    def prepare_grouped_weight(self, weight, recipe, seed, need_dgrad):
+        if not self._grouped(weight, recipe):
+            return None
+        return prepare_grouped_weight(weight, recipe, seed, need_dgrad)
+
+    def grouped_linear_train(self, x, weight, mask, recipe, seed, prepared=None):
+        if not self._grouped(weight, recipe, x):
             return super().grouped_linear_train(x, weight, mask, recipe, seed)
         with torch.autocast(x.device.type, enabled=False):  # the op's arithmetic is FP32/BF16 by itself
-            return triton_grouped_linear_train(x, weight, mask, recipe, seed)
+            return triton_grouped_linear_train(x, weight, mask, recipe, seed, prepared)
 
     def linear_packed(self, x, packed_weight: PackedTensor, bias, recipe):
         tokens = x.numel() // max(1, x.shape[-1])

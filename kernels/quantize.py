@@ -702,6 +702,12 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
                        None if csum is None else csum.sum(0), camax)
 
 
+def _as_bytes(rowok: torch.Tensor) -> torch.Tensor:
+    """A row mask as contiguous uint8 (a bool mask is reinterpreted in place: no copy launch)."""
+    rowok = rowok.contiguous()
+    return rowok.view(torch.uint8) if rowok.dtype == torch.bool else rowok.to(torch.uint8)
+
+
 def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, mean: torch.Tensor,
                         tensor_scale: torch.Tensor | None, format: str = "nvfp4", rounding: str = "rtn",
                         seed: int = 0, row: bool = True, col: bool = False, mx_scale: str = "floor"
@@ -734,7 +740,7 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
         x, x.stride(0), x.stride(1), M, K, M, KP, mean.float().contiguous(), dummy_f,
         dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
         cdq if cdq is not None else dummy_bf, dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, dummy_f,
-        group_rows, ts, rowok.to(torch.uint8).contiguous(), dummy_f, 0,
+        group_rows, ts, _as_bytes(rowok), dummy_f, 0,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
         FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col, COL_SUM=False,
         GROUPED=True, MEAN_Q=False, num_warps=nw)

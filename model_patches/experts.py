@@ -86,24 +86,7 @@ class Routing:
     @classmethod
     def from_top_k(cls, top_k_index: torch.Tensor, num_experts: int) -> "Routing":
         """Sort assignments by expert (stable); indices ≥ num_experts (experts not on this rank) are dropped."""
-        t, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        expert = flat[order]
-        keep = expert < num_experts
-        order, expert = order[keep], expert[keep]
-        counts = torch.bincount(expert, minlength=num_experts)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(len(expert), device=flat.device) - starts[expert]
-        # rows per expert rounded up to a whole number of FP4 blocks along the token axis (32 covers NVFP4 and MXFP4):
-        # the wgrad operands' token-axis blocks then never need a padding copy of the activations or gradients
-        longest = int(counts.max().item()) if len(expert) else 0
-        capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
-        mask = torch.zeros(num_experts, capacity, device=flat.device)
-        mask[expert, pos] = 1.0
-        slot_rows = torch.full((t * k,), -1, dtype=torch.long, device=flat.device).index_copy_(
-            0, order, expert * capacity + pos)
-        return cls(expert, pos, order // k, order % k, mask, capacity, slot_rows.view(t, k), len(order) < t * k)
+        return PendingRouting.start(top_k_index, num_experts).finish()
 
     @property
     def rows(self) -> torch.Tensor:
@@ -145,6 +128,58 @@ class Routing:
         if _routing_kernels(y):
             return _CombineRows.apply(y.reshape(-1, y.shape[-1]), weights, self, like.dtype)
         return self.sum_slots(self.slot_rows_of(y) * weights.reshape(-1, 1).float()).to(like.dtype)
+
+
+@dataclass
+class PendingRouting:
+    """The device half of `Routing.from_top_k`: the sort and the per-expert counts are enqueued and the two numbers
+    the layout needs on the host (largest expert load, kept assignments) are on their way to pinned host memory.
+    `finish` waits for those two numbers only, so device work enqueued in between (the experts' weight
+    quantization) keeps the GPU busy while the host waits and then launches the rest: one host sync per forward."""
+
+    flat: torch.Tensor       # [T·k] expert of each (token, slot)
+    order: torch.Tensor      # [T·k] argsort of flat (stable): kept assignments first, dropped (≥ E) last
+    counts: torch.Tensor     # [E] assignments per expert
+    host: torch.Tensor       # [2] int64 (pinned on CUDA): largest load, kept assignments
+    ready: torch.cuda.Event | None
+    shape: tuple[int, int]   # (T, k)
+    num_experts: int
+
+    @classmethod
+    def start(cls, top_k_index: torch.Tensor, num_experts: int) -> "PendingRouting":
+        t, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp(min=0, max=num_experts), minlength=num_experts + 1)[:num_experts]
+        stats = torch.stack([counts.max() if num_experts else counts.sum(), counts.sum()])
+        ready = None
+        if stats.is_cuda:
+            host = torch.empty(2, dtype=stats.dtype, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = stats
+        return cls(flat, order, counts, host, ready, (t, k), num_experts)
+
+    def finish(self) -> Routing:
+        """Wait for the two host numbers and build the expert-major layout (no further sync)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        longest, kept = (int(v) for v in self.host.tolist())
+        t, k = self.shape
+        order = self.order[:kept]
+        expert = self.flat[order]
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        pos = torch.arange(kept, device=order.device) - starts[expert]
+        # rows per expert rounded up to a whole number of FP4 blocks along the token axis (32 covers NVFP4 and MXFP4):
+        # the wgrad operands' token-axis blocks then never need a padding copy of the activations or gradients
+        capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
+        mask = torch.zeros(self.num_experts, capacity, device=order.device)
+        mask[expert, pos] = 1.0
+        slot_rows = torch.full((t * k,), -1, dtype=torch.long, device=order.device).index_copy_(
+            0, order, expert * capacity + pos)
+        return Routing(expert, pos, order // k, order % k, mask, capacity, slot_rows.view(t, k), kept < t * k)
 
 
 class _ExpertMajorRows(torch.autograd.Function):
@@ -335,25 +370,44 @@ class LowBitExperts(nn.Module):
         dtype = _autocast_dtype(hidden_states.device, self.gate_up_proj.dtype)
         return self.recipe is None and grouped_mm_supported(self.hidden_dim, self.intermediate_dim, dtype)
 
-    def _linear(self, x: torch.Tensor, mask: torch.Tensor, which: int, weight: torch.Tensor | None) -> torch.Tensor:
+    def _seed(self, which: int) -> int:
+        return mix_seed(self.base_seed, self.layer_id, self.calls, which)
+
+    def _linear(self, x: torch.Tensor, mask: torch.Tensor, which: int, weight: torch.Tensor | None,
+                prepared: object | None = None) -> torch.Tensor:
         if self.recipe is None:
             return x @ weight.transpose(-1, -2).to(x.dtype)
         backend = resolve_backend(self.backend, x.device)
         if self.mode == "infer":
             return backend.grouped_linear_packed(x, self.packed(MATRICES[which]), mask, self.recipe)
-        seed = mix_seed(self.base_seed, self.layer_id, self.calls, which)
-        return backend.grouped_linear_train(x, weight, mask, self.recipe, seed)
+        return backend.grouped_linear_train(x, weight, mask, self.recipe, self._seed(which), prepared=prepared)
+
+    def _prepare_weights(self, hidden_states: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]
+                         ) -> list[object | None]:
+        """Each matrix's FP4 operands from the backend (None where it prepares nothing), enqueued before the routing
+        waits for its host numbers: the GPU quantizes the weights while the host waits and then launches the rest.
+        The token-axis copy for dgrad is made where a gradient will reach the matrix's input."""
+        if self.recipe is None or self.mode != "train":
+            return [None, None]
+        backend = resolve_backend(self.backend, hidden_states.device)
+        grad = torch.is_grad_enabled()
+        need_dgrad = (grad and hidden_states.requires_grad,
+                      grad and (hidden_states.requires_grad or weights[0].requires_grad))
+        return [backend.prepare_grouped_weight(w, self.recipe, self._seed(i), need_dgrad[i])
+                for i, w in enumerate(weights)]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.uses_grouped_mm(hidden_states):
             gate_up, down = self.expert_weights()
             return grouped_expert_mlp(hidden_states, top_k_index, top_k_weights, gate_up, down, self.act_fn)
-        routing = Routing.from_top_k(top_k_index, self.num_experts)
+        pending = PendingRouting.start(top_k_index, self.num_experts)
         gate_up, down = self.expert_weights() if self.mode == "train" else (None, None)
+        prepared = self._prepare_weights(hidden_states, (gate_up, down))
+        routing = pending.finish()
         x = routing.gather(hidden_states)
-        h = gated_activation(self._linear(x, routing.mask, 0, gate_up), routing.mask, self.act_fn)
-        y = self._linear(h, routing.mask, 1, down)
+        h = gated_activation(self._linear(x, routing.mask, 0, gate_up, prepared[0]), routing.mask, self.act_fn)
+        y = self._linear(h, routing.mask, 1, down, prepared[1])
         if self.mode == "train":
             self.calls += 1
         return routing.combine(y, top_k_weights, hidden_states)

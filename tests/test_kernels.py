@@ -300,6 +300,26 @@ def test_linear_fwd_bwd_matches_reference(fmt, center_x, center_d):
         assert ((a - r).norm() / r.norm()) < tol
 
 
+def test_auto_gemm_takes_cublas_for_large_layers_only(monkeypatch):
+    """HF_LOWBIT_GEMM=auto (the default): cuBLAS at or above AUTO_CUBLAS_MIN_WORK multiply-adds per fprop, the
+    Triton GEMM below it and when the size is unknown; an explicit choice is taken whatever the size."""
+    from hf_lowbit.kernels import gemm
+    from hf_lowbit.kernels._common import reload_env_settings
+
+    monkeypatch.delenv("HF_LOWBIT_GEMM", raising=False)
+    reload_env_settings()
+    big = gemm.AUTO_CUBLAS_MIN_WORK
+    assert gemm.gemm_fn(work=big) is gemm._cublas32
+    assert gemm.gemm_fn(work=big - 1) is gemm.scaled_gemm
+    assert gemm.gemm_fn() is gemm.scaled_gemm
+    assert 8192 * 3072 * 1024 < big <= 8192 * 4096 * 4096  # the P4 widths below, the P2 layers above
+    monkeypatch.setenv("HF_LOWBIT_GEMM", "triton")
+    reload_env_settings()
+    assert gemm.gemm_fn(work=big) is gemm.scaled_gemm
+    monkeypatch.delenv("HF_LOWBIT_GEMM")
+    reload_env_settings()
+
+
 def test_linear_through_the_cublas_gemms_matches_the_triton_gemm(monkeypatch):
     """HF_LOWBIT_GEMM=cublas32 (cuBLAS FP32 product + the epilogue as one pass, wgrad terms included) gives the fused
     Triton GEMM's results up to FP32 summation order; =cublas up to the BF16 rounding of the product before the

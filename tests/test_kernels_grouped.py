@@ -71,6 +71,37 @@ def test_grouped_quantizer_nan_stays_in_its_group():
     assert torch.isnan(row[1, :2]).all() and torch.isfinite(row[0]).all() and (row[2] == 0).all()
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_group_stats_match_torch_on_edge_groups(masked):
+    """μ and the NVFP4 tensor scale per group against plain torch: an all-zero group, a group with +Inf (NaN scale),
+    a tiny one (1e-30: subnormal scale), a huge one (3e30); uncentred without a mask is the weights' case."""
+    gen = torch.Generator().manual_seed(11)
+    g, length, k = 5, 64, 300  # k: more than one column chunk of the finalize, ragged
+    x = torch.randn(g, length, k, generator=gen)
+    x[0] = 0
+    x[1, 5, 17] = float("inf")
+    x[2] *= 1e-30
+    x[3] *= 3e30
+    mask = torch.ones(g, length)
+    mask[4, 40:] = 0
+    x = (x * mask[..., None]).to(DEV)
+    mask = mask.to(DEV)
+    counts = mask.sum(1)
+    for center in (True, False):
+        mu, ts = group_stats(x, mask if masked else None, counts if masked else torch.full_like(counts, length),
+                             center, True)
+        real = mask.bool()[..., None] if masked else torch.ones_like(x, dtype=torch.bool)
+        n = real.sum(1).clamp(min=1)
+        mu_ref = torch.where(real, x, 0).sum(1) / n if center else torch.zeros(g, k, device=DEV)
+        size = x.abs().amax((1, 2)).clamp(min=1e-38)[:, None]  # summation order: relative to the group's size
+        torch.testing.assert_close(mu / size, mu_ref / size, rtol=0, atol=1e-6, equal_nan=True)
+        r = torch.where(real, x - mu[:, None, :], 0)  # the scale of the residual about the kernel's μ: exact
+        amax = r.abs().amax((1, 2))
+        ts_ref = torch.where(torch.isfinite(amax), amax / torch.tensor(2688.0, device=DEV), float("nan"))
+        assert torch.isnan(ts[1]) and ts[0] == 0
+        assert torch.equal(ts[[0, 2, 3, 4]], ts_ref[[0, 2, 3, 4]])
+
+
 def test_grouped_quantizer_rejects_straddling_groups():
     x = torch.zeros(48, 32, device=DEV)
     with pytest.raises(ValueError, match="group_rows=24"):
@@ -133,7 +164,8 @@ def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
     calls = []
     import hf_lowbit.kernels.linear as lin
 
-    monkeypatch.setattr(lin, "triton_grouped_linear_train", lambda *a: calls.append(1) or grouped_averis_linear(*a))
+    monkeypatch.setattr(lin, "triton_grouped_linear_train",
+                        lambda *a: calls.append(1) or grouped_averis_linear(*a[:5]))
     monkeypatch.setenv("HF_LOWBIT_GROUPED_TRITON", "0")
     reload_env_settings()
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
@@ -143,6 +175,26 @@ def test_backend_uses_it_by_default_and_not_when_disabled(monkeypatch):
     TritonBackend().grouped_linear_train(x, w, mask, recipe, 0)
     TritonBackend().grouped_linear_train(x, w, mask, _recipe("nvfp4", weight_blocks="2d"), 0)  # not covered
     assert calls == [1]
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_prepared_weight_gives_the_same_bits(fmt):
+    """The weight operands prepared ahead of the call (the experts enqueue them before the routing sync) give the
+    same output and gradients bit for bit; a prepared weight without the dgrad copy is completed when needed."""
+    from hf_lowbit.kernels.grouped import prepare_grouped_weight
+
+    x, mask = _inputs(2, 32, 32, seed=41, dtype=torch.bfloat16)
+    w = (torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(3)) * 0.1).to(DEV, torch.bfloat16)
+    dy = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
+    recipe = _recipe(fmt)
+    results = []
+    for prepared in (None, prepare_grouped_weight(w, recipe, 7, True), prepare_grouped_weight(w, recipe, 7, False)):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = triton_grouped_linear_train(xi, wi, mask, recipe, 7, prepared)
+        y.backward(dy)
+        results.append((y, xi.grad, wi.grad))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
 def test_moe_model_trains_the_same_through_the_grouped_path(monkeypatch, tiny_model_dir):
