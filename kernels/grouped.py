@@ -23,7 +23,7 @@ import triton.language as tl
 
 from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
-from hf_lowbit.kernels._common import cdiv, interpreting
+from hf_lowbit.kernels._common import COMPILED, cdiv, interpreting
 from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
@@ -56,6 +56,31 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
     tl.store(sum_ptr + out, tl.sum(acc_s, axis=0), mask=cmask)
     tl.store(max_ptr + out, tl.max(acc_max, axis=0), mask=cmask)
     tl.store(min_ptr + out, tl.min(acc_min, axis=0), mask=cmask)
+
+
+@triton.jit
+def _group_col_absmax_kernel(z_ptr, szg, szl, szk, L, K, max_ptr, min_ptr, ROWS_PER: tl.constexpr,
+                             BL: tl.constexpr, BK: tl.constexpr):
+    """Partial (row split, group, column) max |z| over every row (the weights: no mask, no mean), written as the
+    column max and its negation as the column min, the layout `_group_finalize_kernel` reads. A NaN propagates
+    (the group's scale becomes NaN), as in the statistics pass. Two operations per element instead of eight."""
+    grp = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    cols = tl.program_id(0) * BK + tl.arange(0, BK)
+    cmask = cols < K
+    acc = tl.zeros([BL, BK], dtype=tl.float32)
+    for i in range(0, ROWS_PER, BL):
+        rows = split * ROWS_PER + i + tl.arange(0, BL)
+        m = (rows < L)[:, None] & cmask[None, :]
+        x = tl.load(z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk, mask=m,
+                    other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    amax = tl.max(acc, axis=0, propagate_nan=tl.PropagateNan.ALL) if COMPILED else tl.max(acc, axis=0)
+    if not COMPILED:  # the interpreter's max skips NaN: restore it
+        amax = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), amax)
+    out = (split * tl.num_programs(1) + grp) * K + cols
+    tl.store(max_ptr + out, amax, mask=cmask)
+    tl.store(min_ptr + out, -amax, mask=cmask)
 
 
 @triton.jit
@@ -94,16 +119,22 @@ def _group_finalize_kernel(part_ptr, SPLITS, G, K, NUM_K, counts_ptr, mu_ptr, ts
         tl.store(ts_ptr + grp, ts)
 
 
-def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None, center: bool = True) -> tuple[torch.Tensor, int]:
     """FP32 partial column sums, maxima and minima [3, splits, G, K] of z [G, L, K] over the rows where mask [G, L]
-    is nonzero (every row for None), per split of a fixed number of rows (so that a changing L, the MoE capacity,
-    never recompiles the kernel), and the split count. One Triton pass."""
+    is nonzero, per split of a fixed number of rows (so that a changing L, the MoE capacity, never recompiles the
+    kernel), and the split count. One Triton pass. Without a mask and without centring (the weights) only the
+    extrema are written, as ±max |z| (the sums are not needed)."""
     g, length, k = z.shape
-    ok = mask.float().contiguous() if mask is not None else z
     rows_per, bk = (32, 64) if interpreting() else (256, 128)
     splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
-    _group_col_stats_kernel[(cdiv(k, bk), g, splits)](
+    grid = (cdiv(k, bk), g, splits)
+    if mask is None and not center:
+        _group_col_absmax_kernel[grid](z, z.stride(0), z.stride(1), z.stride(2), length, k, part[1], part[2],
+                                       ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
+        return part, splits
+    ok = mask.float().contiguous() if mask is not None else z
+    _group_col_stats_kernel[grid](
         z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2], HAS_MASK=mask is not None,
         ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
     return part, splits
@@ -122,7 +153,7 @@ def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor
     mu = torch.empty(g, k, device=z.device, dtype=torch.float32)
     if not (center or is_nv):
         return mu.zero_(), None
-    part, splits = masked_col_stats(z, mask)
+    part, splits = masked_col_stats(z, mask, center)
     ts = torch.empty(g, device=z.device, dtype=torch.float32) if is_nv else mu
     bk = min(256, triton.next_power_of_2(k))
     n_k = cdiv(k, bk)
@@ -155,23 +186,26 @@ def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) 
 
 
 def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,
-                   recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(row-axis operand, token-axis wgrad operand, the latter's tensor scales) of z [G·lp, K]: the token axis from
-    the same launch as the row axis, or from its own (`kernels/token_axis.py`): always for the rotated residual
-    (``hadamard=True``, its own tensor scales), else with HF_LOWBIT_COL_KERNEL=split."""
+                   recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool, want_sum: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(row-axis operand, token-axis wgrad operand, the latter's tensor scales, its per-group token sums or None) of
+    z [G·lp, K]: the token axis from the same launch as the row axis (with the sums when `want_sum`), or from its own
+    (`kernels/token_axis.py`): always for the rotated residual (``hadamard=True``, its own tensor scales), else with
+    HF_LOWBIT_COL_KERNEL=split; the sums are then None (see `_token_sums`)."""
     split = col and (recipe.hadamard or split_col_kernel())
-    z_row = z_col = None
+    z_row = z_col = z_sum = None
     if row or (col and not split):
-        z_row, z_col = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding, seed31(seed, seed_part),
-                                           row=row, col=col and not split, mx_scale=recipe.mx_scale)
+        z_row, z_col, *rest = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding,
+                                                  seed31(seed, seed_part), row=row, col=col and not split,
+                                                  mx_scale=recipe.mx_scale, col_sum=want_sum and col and not split)
+        z_sum = rest[0] if rest else None
     ts_col = ts
     if split:
         z_col, ts_col = grouped_token_axis_quantize(z, lp, rowok, mu, ts,
                                                     hadamard_sign_bits(seed) if recipe.hadamard else None,
                                                     recipe.format, rounding, seed31(seed, seed_part + 10),
                                                     recipe.mx_scale)
-    return z_row, z_col, ts_col
+    return z_row, z_col, ts_col, z_sum
 
 
 @dataclass
@@ -223,8 +257,9 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         counts = mp.sum(1)
         rowok = mp.reshape(-1) != 0
         mu_x, ts_x = group_stats(xp, mp, counts, recipe.center_activations, is_nv)
-        x_row, x_col, ts_xc = _wgrad_operand(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe,
-                                             "sr" if recipe.sr_activations else "rtn", seed, 21, True, need_wgrad)
+        x_row, x_col, ts_xc, x_sum = _wgrad_operand(xp.reshape(g * lp, k), lp, rowok, mu_x, ts_x, recipe,
+                                                    "sr" if recipe.sr_activations else "rtn", seed, 21, True,
+                                                    need_wgrad, True)
         if prepared is None or (need_dgrad and prepared.col is None):
             prepared = prepare_grouped_weight(weight, recipe, seed, need_dgrad)
         w_row, w_col, ts_w = prepared.row, prepared.col, prepared.tensor_scale
@@ -236,8 +271,7 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         # one launch: tensor scales, the rank-1 mean row, the padding mask and the output cast in the epilogue
         y = gemm_fn(grouped=True)(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
                         row_mask=mp[:, :length])
-        x_sum = None
-        if need_wgrad:
+        if need_wgrad and x_sum is None:
             x_sum = _token_sums(x_col.view(g, lp, k), mp, recipe, seed)
         saved = [x_col, x_sum, ts_xc, mu_x_q, w_col, ts_w, mp, counts]
         ctx.has = [t is not None for t in saved]
@@ -257,9 +291,9 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         # padding rows need no zeroing here: the stats skip them and the quantizer writes them as 0 (rowok)
         d = F.pad(dy, (0, 0, 0, lp - length)) if lp != length else dy
         mu_d, ts_d = group_stats(d, mp, counts, recipe.center_gradients, is_nv)
-        d_row, d_col, ts_dc = _wgrad_operand(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d, recipe,
-                                             "sr" if recipe.sr_gradients else "rtn", seed, 23, need_dgrad,
-                                             need_wgrad)
+        d_row, d_col, ts_dc, d_sum = _wgrad_operand(d.reshape(g * lp, n), lp, mp.reshape(-1) != 0, mu_d, ts_d,
+                                                    recipe, "sr" if recipe.sr_gradients else "rtn", seed, 23,
+                                                    need_dgrad, need_wgrad, mu_x_q is not None)
         mu_d_q = mu_d_u = ts_mud = None
         if recipe.center_gradients:
             mu_d_q, mu_d_u, ts_mud = group_mean_quantized(mu_d, recipe.format, "sr" if recipe.sr_gradients else "rtn",
@@ -275,7 +309,8 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
             x_sum_s = x_sum * (1.0 if ts_x is None else ts_x[:, None])
             r1 = r2 = None
             if mu_x_q is not None:
-                r1 = (_token_sums(dc, mp, recipe, seed) * (1.0 if ts_dc is None else ts_dc[:, None]), mu_x_q)
+                d_sum = _token_sums(dc, mp, recipe, seed) if d_sum is None else d_sum
+                r1 = (d_sum * (1.0 if ts_dc is None else ts_dc[:, None]), mu_x_q)
             if mu_d_q is not None:  # counts = Σ m² = ‖T·m‖² (the rotation is orthogonal; exact for 0/1 masks)
                 r2 = (mu_d_q, x_sum_s if mu_x_q is None else x_sum_s + counts[:, None] * mu_x_q)
             dw = gemm(dc.transpose(1, 2), x_col.view(g, lp, k).transpose(1, 2), w_dtype, ts_dc, ts_x,

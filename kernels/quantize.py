@@ -390,8 +390,13 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                 tl.store(pd, ve.to(tl.bfloat16), mask=me)
                 tl.store(pd + K, vo.to(tl.bfloat16), mask=mo)
             if COL_SUM:
-                cs_ = tl.sum(tl.sum(tl.where(me, ve, 0.0) + tl.where(mo, vo, 0.0), axis=1), axis=0)
-                tl.store(csum_ptr + pm * K + cols, cs_, mask=cmask)
+                blk = tl.sum(tl.where(me, ve, 0.0) + tl.where(mo, vo, 0.0), axis=1)  # [NBM, BK]: per row block
+                if GROUPED:  # one row per block of B rows (blocks never straddle groups): the caller sums a group's
+                    mbs = pm * NBM + mb
+                    tl.store(csum_ptr + mbs[:, None].to(tl.int64) * K + cols[None, :], blk,
+                             mask=(mbs < M // B)[:, None] & cmask[None, :])
+                else:
+                    tl.store(csum_ptr + pm * K + cols, tl.sum(blk, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -710,10 +715,12 @@ def _as_bytes(rowok: torch.Tensor) -> torch.Tensor:
 
 def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, mean: torch.Tensor,
                         tensor_scale: torch.Tensor | None, format: str = "nvfp4", rounding: str = "rtn",
-                        seed: int = 0, row: bool = True, col: bool = False, mx_scale: str = "floor"
-                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                        seed: int = 0, row: bool = True, col: bool = False, mx_scale: str = "floor",
+                        col_sum: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Quantize G stacked groups `x` [G·group_rows, K] (MoE experts in capacity layout) → BF16 code × block scale
-    along the hidden axis (`row`) and/or the token axis (`col`), as `(row_dq, col_dq)`.
+    along the hidden axis (`row`) and/or the token axis (`col`), as `(row_dq, col_dq)`; with `col_sum` (and `col`)
+    also each group's FP32 column sums of the token-axis values [G, K] (`(row_dq, col_dq, col_sum)`), summed in the
+    same launch per block of B rows and then over the group's blocks (no second read of the operand).
 
     Group g is centred on ``mean[g]`` (zeros: no centring) and uses ``tensor_scale[g]`` (NVFP4; computed by the
     caller, like the reference's per-slice tensor scales); rows with ``rowok == 0`` are padding and quantize to 0.
@@ -736,14 +743,18 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if col else None
     n_mt = cdiv(M, BM)
     ts = tensor_scale.float().contiguous() if is_nv else dummy_f
+    csum = torch.empty((M // B, K), device=dev, dtype=torch.float32) if col and col_sum else None
     _quant_kernel[(n_mt, cdiv(KP, BK))](
         x, x.stride(0), x.stride(1), M, K, M, KP, mean.float().contiguous(), dummy_f,
         dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
-        cdq if cdq is not None else dummy_bf, dummy_f, seed31(seed, 1), seed31(seed, 2), n_mt, dummy_f,
+        cdq if cdq is not None else dummy_bf, dummy_f if csum is None else csum, seed31(seed, 1), seed31(seed, 2),
+        n_mt, dummy_f,
         group_rows, ts, _as_bytes(rowok), dummy_f, 0,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
-        FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col, COL_SUM=False,
-        GROUPED=True, MEAN_Q=False, num_warps=nw)
+        FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col,
+        COL_SUM=csum is not None, GROUPED=True, MEAN_Q=False, num_warps=nw)
+    if col_sum:
+        return rdq, cdq, None if csum is None else csum.view(M // group_rows, group_rows // B, K).sum(1)
     return rdq, cdq
 
 

@@ -52,21 +52,30 @@ def phase_times(module: torch.nn.Module, inputs: dict[str, torch.Tensor], device
 
 def device_idle(prof: Any, top: int = 8) -> dict[str, Any]:
     """Busy and idle device time of a profiled run from its kernel intervals, and the `top` longest gaps (µs) with
-    the kernel that ran after each: a gap is the device waiting for the host."""
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+    the kernel that ran after each and the innermost host ops running at the gap's middle: a gap is the device
+    waiting for the host, and those ops are what the host was doing."""
+    events = list(prof.events())
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     if not kernels:
         return {}
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU]
     busy, gaps, end = 0.0, [], kernels[0][0]
     for start, stop, name in kernels:
         if start > end:
-            gaps.append((start - end, name))
+            gaps.append((start - end, (start + end) / 2, name))
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     gaps.sort(reverse=True)
     span = end - kernels[0][0]
+
+    def doing(t: float) -> str:
+        covering = sorted((stop - start, name) for start, stop, name in host if start <= t <= stop)
+        return " < ".join(name[:40] for _, name in covering[:3])
+
     return {"span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3), "idle_ms": round((span - busy) / 1e3, 3),
-            "gaps": len(gaps), "longest_gaps_us": [(round(g, 1), name[:60]) for g, name in gaps[:top]]}
+            "gaps": len(gaps), "longest_gaps_us": [(round(g, 1), name[:50], doing(mid)) for g, mid, name in gaps[:top]]}
 
 
 def timeline_text(times: dict[str, float], idle: dict[str, Any]) -> str:
@@ -74,7 +83,7 @@ def timeline_text(times: dict[str, float], idle: dict[str, Any]) -> str:
     if idle:
         lines.append(f"profiled run: span {idle['span_ms']} ms, device busy {idle['busy_ms']}, idle {idle['idle_ms']} "
                      f"in {idle['gaps']} gaps; longest (µs, next kernel):")
-        lines += [f"  {g:9.1f}  {name}" for g, name in idle["longest_gaps_us"]]
+        lines += [f"  {g:9.1f}  {name}  | host: {what}" for g, name, what in idle["longest_gaps_us"]]
     return "\n".join(lines)
 
 
@@ -107,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         run()
         bench_moe.synchronize(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=key, row_limit=args.rows, max_name_column_width=60)
+    table += "\nhost (self CPU time):\n" + averages.table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                                          max_name_column_width=60)
     header = f"{args.format} experts fwd+bwd, {shape}, device {device}\n"
     text = header + table + "\n" + timeline_text(phase_times(module, inputs, device, args.iters), device_idle(prof))
     print(text)

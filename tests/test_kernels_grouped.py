@@ -51,8 +51,10 @@ def test_grouped_quantizer_is_bit_exact(fmt, shape, centred):
     if centred:
         torch.testing.assert_close(mu, mu_ref, rtol=1e-6, atol=1e-6)
         r = (x.float() - mu[:, None, :]) * mask[..., None]  # the same residual with the kernel's μ
-    row, col = grouped_quantize_dq(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mu, ts, fmt, row=True,
-                                   col=True)
+    row, col, sums = grouped_quantize_dq(x.reshape(g * length, k), length, mask.reshape(-1) != 0, mu, ts, fmt,
+                                         row=True, col=True, col_sum=True)
+    # the token sums of the token-axis values, from the same launch: FP32, up to summation order
+    torch.testing.assert_close(sums, col.float().reshape(g, length, k).sum(1), rtol=1e-6, atol=1e-5)
     for axis, dq in ((-1, row), (1, col)):
         ref = quantize(r, fmt, axis, slices=True)
         if is_nv:
@@ -100,6 +102,10 @@ def test_group_stats_match_torch_on_edge_groups(masked):
         ts_ref = torch.where(torch.isfinite(amax), amax / torch.tensor(2688.0, device=DEV), float("nan"))
         assert torch.isnan(ts[1]) and ts[0] == 0
         assert torch.equal(ts[[0, 2, 3, 4]], ts_ref[[0, 2, 3, 4]])
+    w = torch.randn(3, 32, 40, generator=gen).to(DEV)
+    w[2, 3, 5] = float("nan")  # the weights' path (no mask, no mean): a NaN makes its group's scale NaN, only its
+    _, ts = group_stats(w, None, None, False, True)
+    assert torch.isnan(ts[2]) and torch.equal(ts[:2], w[:2].abs().amax((1, 2)) / torch.tensor(2688.0, device=DEV))
 
 
 def test_grouped_quantizer_rejects_straddling_groups():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kernel_switch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import profile_experts  # noqa: E402
@@ -88,7 +89,7 @@ def test_linear_host_profile_refuses_bad_input_and_a_cpu_only_machine(tmp_path, 
     _assert_refused(profile_linear_host.main, cases, capsys, out)
 
 
-def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
+def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys, monkeypatch):
     """scripts/profile_wrapper_host.py: the Averis linear fwd+bwd with every Triton kernel and the cuBLAS product
     stubbed out (CPU) makes its 16 launches (X and dY: stats + finalize + quantize, which also quantizes the mean;
     W: absmax + quantize; 2 mean GEMVs; 3 GEMMs, each a cuBLAS product + an epilogue pass), the kernels are
@@ -100,7 +101,8 @@ def test_wrapper_host_profile_counts_the_launches(tmp_path, capsys):
 
     kernel = quantize._quant_kernel
     out = tmp_path / "w.json"
-    result = profile_wrapper_host.main(["--m", "64", "--k", "32", "--n", "48", "--iters", "5", "--out", str(out)])
+    with kernel_switch(monkeypatch, "HF_LOWBIT_GEMM", "cublas32"):  # the cuBLAS path (small layers: Triton's)
+        result = profile_wrapper_host.main(["--m", "64", "--k", "32", "--n", "48", "--iters", "5", "--out", str(out)])
     assert result["launches_per_step"] == 16 and result["launches"]["cublas_mm"] == 3
     assert result["launches"]["_epilogue_kernel"] == 3
     assert result["launches"]["_col_stats_kernel"] == 2 and result["launches"]["_absmax_kernel"] == 1
