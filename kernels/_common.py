@@ -82,7 +82,8 @@ def reload_env_settings() -> None:
 
 
 @triton.jit
-def _max_nan(a, b):
+def max_nan(a, b):
+    """Combine function of a NaN-propagating max reduction."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -92,7 +93,7 @@ def abs_max(x, axis):
     a NaN-propagating max (one instruction per element, the abs a free operand modifier) and one select per
     result instead of a compare and a select per element."""
     if COMPILED:
-        m = tl.reduce(tl.abs(x), axis, _max_nan)
+        m = tl.reduce(tl.abs(x), axis, max_nan)
         return tl.where(m != m, float("inf"), m)
     return tl.max(tl.where(x != x, float("inf"), tl.abs(x)), axis)  # the same values; the interpreter runs a
     # custom combine function element by element in Python

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
-from hf_lowbit.kernels._common import COMPILED, cdiv, interpreting
+from hf_lowbit.kernels._common import COMPILED, cdiv, env_setting, interpreting, max_nan
 from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
@@ -75,9 +75,10 @@ def _group_col_absmax_kernel(z_ptr, szg, szl, szk, L, K, max_ptr, min_ptr, ROWS_
         x = tl.load(z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk, mask=m,
                     other=0.0).to(tl.float32)
         acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-    amax = tl.max(acc, axis=0, propagate_nan=tl.PropagateNan.ALL) if COMPILED else tl.max(acc, axis=0)
-    if not COMPILED:  # the interpreter's max skips NaN: restore it
-        amax = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), amax)
+    if COMPILED:
+        amax = tl.reduce(acc, 0, max_nan)
+    else:  # the same values (a custom combine runs element by element in Python under the interpreter)
+        amax = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), tl.max(acc, axis=0))
     out = (split * tl.num_programs(1) + grp) * K + cols
     tl.store(max_ptr + out, amax, mask=cmask)
     tl.store(min_ptr + out, -amax, mask=cmask)
@@ -125,19 +126,31 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None, center: bool = 
     kernel), and the split count. One Triton pass. Without a mask and without centring (the weights) only the
     extrema are written, as ±max |z| (the sums are not needed)."""
     g, length, k = z.shape
-    rows_per, bk = (32, 64) if interpreting() else (256, 128)
+    bl, bk, warps = (32, 64, 4) if interpreting() else stats_config()
+    rows_per = 32 if interpreting() else 256
     splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
     grid = (cdiv(k, bk), g, splits)
     if mask is None and not center:
         _group_col_absmax_kernel[grid](z, z.stride(0), z.stride(1), z.stride(2), length, k, part[1], part[2],
-                                       ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
+                                       ROWS_PER=rows_per, BL=bl, BK=bk, num_warps=warps)
         return part, splits
     ok = mask.float().contiguous() if mask is not None else z
     _group_col_stats_kernel[grid](
         z, z.stride(0), z.stride(1), z.stride(2), ok, length, k, part[0], part[1], part[2], HAS_MASK=mask is not None,
-        ROWS_PER=rows_per, BL=32, BK=bk, num_warps=4)
+        ROWS_PER=rows_per, BL=bl, BK=bk, num_warps=warps)
     return part, splits
+
+
+def stats_config() -> tuple[int, int, int]:
+    """(rows per loop step, columns, warps) of the grouped statistics kernels; HF_LOWBIT_GSTATS="BL,BK,W" overrides
+    (benchmark sweeps). 16×128 with 4 warps: 128 registers for the three accumulators (32 rows took 254, which left
+    two programs per SM to hide the loads' latency: 1.4 TB/s on an H200)."""
+    env = env_setting("HF_LOWBIT_GSTATS")
+    if env:
+        bl, bk, w = (int(v) for v in env.split(","))
+        return bl, bk, w
+    return 16, 128, 4
 
 
 def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool

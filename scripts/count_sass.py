@@ -8,6 +8,10 @@ its call are left out). Runs as a script or through `count(...)`.
 
     python scripts/count_sass.py                                    # the default variants
     python scripts/count_sass.py nv:IS_NV=True,SR=False mx:IS_NV=False --json out.json
+    python scripts/count_sass.py --other-kernels                    # compile (and count) the other kernels too
+
+`--other-kernels` compiles the grouped statistics kernels and the grouped quantizer with its column sums for sm_90:
+a kernel that does not compile for Hopper fails here, on any machine, instead of on the GPU.
 """
 
 from __future__ import annotations
@@ -64,6 +68,35 @@ def compile_quant_kernel(num_warps: int = 4, **consts) -> bytes:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["cubin"]
 
 
+def compile_sm90(fn, constexprs: dict, pointers: dict | None = None, num_warps: int = 4) -> bytes:
+    """The cubin of any @triton.jit kernel `fn` for sm_90: arguments named ``*_ptr`` are FP32 pointers unless
+    `pointers` names another type, the others i32 unless in `constexprs`."""
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    names = fn.arg_names
+    unknown = sorted(set(constexprs) - set(names))
+    if unknown:
+        raise ValueError(f"unknown constexpr(s) {unknown} of {fn.__name__}; allowed: {names}")
+    pointers = pointers or {}
+    sig = {a: "constexpr" if a in constexprs else pointers.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+           for a in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["cubin"]
+
+
+def other_kernels() -> dict[str, bytes]:
+    """The grouped path's statistics kernels and the grouped quantizer with column sums, compiled for sm_90."""
+    from hf_lowbit.kernels import grouped
+
+    stats = dict(ROWS_PER=256, BL=32, BK=128)
+    return {
+        "group_col_absmax": compile_sm90(grouped._group_col_absmax_kernel, stats, dict(z_ptr="*bf16")),
+        "group_col_stats": compile_sm90(grouped._group_col_stats_kernel, dict(stats, HAS_MASK=True),
+                                        dict(z_ptr="*bf16")),
+        "group_finalize": compile_sm90(grouped._group_finalize_kernel, dict(CENTER=True, IS_NV=True, BS=4, BK=256)),
+        "quant_grouped_col_sum": compile_quant_kernel(GROUPED=True, COL_SUM=True),
+    }
+
+
 def count(cubin: bytes) -> dict:
     """Instructions on the common path, registers, and an opcode histogram of one cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -105,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="*", help="NAME:KEY=VALUE,... (constexprs of _quant_kernel over BASE)")
     ap.add_argument("--json", help="write the counts here (must not exist)")
+    ap.add_argument("--other-kernels", action="store_true", help="also compile and count the grouped path's kernels")
     a = ap.parse_args(argv)
     if a.json:
         require_new_path(ap, "--json", a.json)
@@ -112,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"Triton's ptxas is missing at {_tool('ptxas')}; allowed: a Triton install with the NVIDIA backend")
     variants = dict(_parse_variant(ap, s) for s in a.variants) if a.variants else DEFAULT_VARIANTS
     rows = {}
-    for name, consts in variants.items():
-        rows[name] = r = count(compile_quant_kernel(**consts))
+    cubins = {name: (lambda c=consts: compile_quant_kernel(**c)) for name, consts in variants.items()}
+    if a.other_kernels:
+        variants = dict(variants)
+        for name, cubin in other_kernels().items():
+            cubins[name], variants[name] = (lambda b=cubin: b), {}
+    for name, make in cubins.items():
+        rows[name] = r = count(make())
         top = ", ".join(f"{k}:{v}" for k, v in list(r["opcodes"].items())[:10])
         print(f"{name:20s} {r['instructions']:6d} instructions  {r['registers']} registers  ({top})")
     if a.json:

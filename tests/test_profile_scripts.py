@@ -134,20 +134,24 @@ def test_quantizer_probe_copy_kernel_and_bad_input(tmp_path, capsys):
 
 
 def test_sass_count_of_the_quantizer_compiles_for_hopper_without_a_gpu(tmp_path):
-    """scripts/count_sass.py compiles the quantizer for sm_90 on this machine (a fresh process: the kernels must not
-    be the interpreter's) and counts its common-path instructions; unknown constexprs are refused up front."""
+    """scripts/count_sass.py compiles the quantizer (and with --other-kernels the grouped path's kernels) for sm_90 on
+    this machine (a fresh process: the kernels must not be the interpreter's) and counts its common-path
+    instructions; unknown constexprs are refused up front."""
     import os
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "count_sass.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sass.json"
-    run = subprocess.run([sys.executable, str(script), "mx:IS_NV=False,B=32", "--json", str(out)], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), "mx:IS_NV=False,B=32", "--other-kernels", "--json", str(out)],
+                         env=env, capture_output=True, text=True)
     if run.returncode != 0 and "ptxas is missing" in run.stderr:
         pytest.skip("this Triton install has no NVIDIA backend tools")
     assert run.returncode == 0, run.stderr[-2000:]
-    row = json.loads(out.read_text())["variants"]["mx"]
+    rows = json.loads(out.read_text())["variants"]
+    # the grouped path's other kernels compile for Hopper too (a GPU-only compile error shows here, on any machine)
+    assert {"group_col_absmax", "group_col_stats", "group_finalize", "quant_grouped_col_sum"} <= set(rows)
+    row = rows["mx"]
     assert row["consts"] == {"IS_NV": False, "B": 32}
     # 64×64 tile, 128 threads: 32 elements per thread and axis, each loaded, centred, maxed, scaled, rounded, stored
     assert 64 * 8 < row["instructions"] < 20000 and 0 < row["registers"] <= 255
@@ -208,3 +212,25 @@ def test_quantizer_ab_prepares_an_earlier_version_and_finds_it_identical(tmp_pat
     with pytest.raises(SystemExit):  # an unknown revision: refused before anything is written
         ab_quantizer.main(["--prepare", "no-such-revision", "--dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_grouped_gemm_bench_cases_are_consistent_and_bad_input_is_refused(capsys):
+    """scripts/bench_grouped_parts.py: its six cases give the same products through cuBLAS + the epilogue pass and
+    through the Triton GEMM (tiny sizes, CPU interpreter); bad sizes and a missing GPU are refused up front."""
+    pytest.importorskip("triton")
+    import bench_grouped_parts
+
+    from hf_lowbit.kernels import gemm
+
+    cases = bench_grouped_parts.gemm_cases(2, 32, 32, 16, torch.device("cpu"))
+    assert len(cases) == 6
+    for name, case in cases.items():
+        kw = {k: v for k, v in case.items() if k not in ("a", "b")}
+        ref = gemm.cublas_epilogue(case["a"], case["b"], torch.bfloat16, fp32_product=True, **kw).float()
+        got = gemm.scaled_gemm(case["a"], case["b"], torch.bfloat16, **kw).float()
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()), msg=name)
+    for argv, match in ((["--capacity", "0"], "--capacity=0 is not valid"),) + (
+            () if torch.cuda.is_available() else ((["--experts", "2"], "needs a CUDA GPU"),)):
+        with pytest.raises(SystemExit):
+            bench_grouped_parts.main(argv)
+        assert match in capsys.readouterr().err
