@@ -150,7 +150,9 @@ class PendingRouting:
         t, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat.clamp(min=0, max=num_experts), minlength=num_experts + 1)[:num_experts]
+        # scatter_add, not bincount: CUDA's bincount reads the input's maximum back to the host (a sync)
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat.clamp(max=num_experts), torch.ones_like(flat))[:num_experts]
         stats = torch.stack([counts.max() if num_experts else counts.sum(), counts.sum()])
         ready = None
         if stats.is_cuda:
@@ -175,8 +177,9 @@ class PendingRouting:
         # rows per expert rounded up to a whole number of FP4 blocks along the token axis (32 covers NVFP4 and MXFP4):
         # the wgrad operands' token-axis blocks then never need a padding copy of the activations or gradients
         capacity = max(-(-longest // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, CAPACITY_MULTIPLE)
-        mask = torch.zeros(self.num_experts, capacity, device=order.device)
-        mask[expert, pos] = 1.0
+        # each expert's rows are a prefix of its block (pos = 0, 1, ...): one comparison, no index_put (which with a
+        # Python value copies it from pageable host memory: a copy that waits for all work queued before it)
+        mask = (torch.arange(capacity, device=order.device) < self.counts[:, None]).float()
         slot_rows = torch.full((t * k,), -1, dtype=torch.long, device=order.device).index_copy_(
             0, order, expert * capacity + pos)
         return Routing(expert, pos, order // k, order % k, mask, capacity, slot_rows.view(t, k), kept < t * k)
