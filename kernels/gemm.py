@@ -189,8 +189,10 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
                 sb: torch.Tensor | None = None, vrow: torch.Tensor | None = None,
                 r1: tuple[torch.Tensor, torch.Tensor] | None = None,
                 r2: tuple[torch.Tensor, torch.Tensor] | None = None,
-                row_mask: torch.Tensor | None = None, wgrad_tokens: int | None = None) -> torch.Tensor:
-    """C = (sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2) · row_mask, FP32 epilogue, any strides.
+                row_mask: torch.Tensor | None = None, wgrad_tokens: int | None = None,
+                config: triton.Config | None = None) -> torch.Tensor:
+    """C = (sa·sb·(a @ bᵀ) + vrow + u1⊗v1 + u2⊗v2) · row_mask, FP32 epilogue, any strides. `config`: the tile
+    config of a batched launch (default `_BATCHED_CONFIG`; the grouped "auto" choice passes the measured best).
 
     Dense: a [M, K], b [N, K], scales 0-d/[1], vrow/v [N], u/row_mask [M]. Batched (MoE experts, one launch):
     a [G, M, K], b [G, N, K], scales [G], vrow/v [G, N], u/row_mask [G, M] → C [G, M, N].
@@ -220,7 +222,7 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
     if interpreting() or a.dtype == torch.float32:
         _launch_config(args, M, N, K, G, common, _SMALL_CONFIG, True)
     elif batched:
-        _launch_config(args, M, N, K, G, common, _BATCHED_CONFIG, False)
+        _launch_config(args, M, N, K, G, common, config or _BATCHED_CONFIG, False)
     else:
         _launch_tuned(args, M, N, K, G, common)
     return c if batched else c[0]
@@ -295,7 +297,7 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
 
 
 GEMM_IMPLS = ("auto", "cublas32", "triton", "cublas")  # dense default first
-GROUPED_GEMM_IMPLS = ("cublas32", "triton")   # grouped (MoE experts) default first
+GROUPED_GEMM_IMPLS = ("auto", "cublas32", "triton")   # grouped (MoE experts) default first
 # "auto": a layer whose fprop does at least this many multiply-adds (M·N·K) takes cuBLAS, a smaller one the Triton GEMM.
 # cuBLAS + the epilogue pass is 18-23% faster on the device at M=8192, K, N ≥ 4096 (≥ 1.4e11), but its extra launches
 # cost host time, and at the Qwen3-0.6B width (M=8192, K, N ≤ 3072: ≤ 2.6e10) training is host-bound: 16.8k tokens/s
@@ -307,16 +309,64 @@ def _cublas32(*args, **kw):
     return cublas_epilogue(*args, fp32_product=True, **kw)
 
 
+def _can_time(a: torch.Tensor) -> bool:
+    """Whether candidates can be timed on a's device (a compiled CUDA run, not the interpreter)."""
+    return a.is_cuda and not interpreting()
+
+
+def _device_ms(fn) -> float:
+    """Device milliseconds of one call of `fn` (triton's do_bench: warm-up, L2 flushed, median of repeats)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=3, rep=15)
+
+
+#: grouped "auto": (M bucket, N, K, G, operand layouts, epilogue flags, dtypes, device) → ("cublas32", None) or
+#: ("triton", tile config), measured on first use of the key
+_GROUPED_CHOICE: dict[tuple, tuple[str, triton.Config | None]] = {}
+
+
+def grouped_auto(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
+                 r2=None, row_mask=None, wgrad_tokens=None) -> torch.Tensor:
+    """The batched GEMM with the FP4 epilogue through whichever of cuBLAS + the pass or the Triton GEMM (at its best
+    tile config) was faster on this shape class when first seen. Per GEMM of one P8 step on an H200 the winner
+    differs (Triton 0.90-0.94× cuBLAS for the down fprop and both dgrads, 1.07× for the gate_up fprop, 1.4× for
+    the wgrads), so one fixed choice leaves time on the table. The interpreter (CPU) takes cuBLAS's path."""
+    kw = dict(sa=sa, sb=sb, vrow=vrow, r1=r1, r2=r2, row_mask=row_mask, wgrad_tokens=wgrad_tokens)
+    if not _can_time(a):
+        return _cublas32(a, b, out_dtype, **kw)
+    G, M, K = a.shape
+    N = b.shape[1]
+    key = (m_bucket(M), N, K, G, a.stride(2) == 1, b.stride(2) == 1, a.dtype, b.dtype, out_dtype,
+           *(t is not None for t in (sa, vrow, r1, r2, row_mask, wgrad_tokens)), a.get_device())
+    choice = _GROUPED_CHOICE.get(key)
+    if choice is None:
+        candidates = [("cublas32", None)] + [("triton", c) for c in (_BATCHED_CONFIG, *_CONFIGS)]
+        times = [_device_ms(lambda c=c: _run_grouped(c, a, b, out_dtype, kw)) for c in candidates]
+        choice = _GROUPED_CHOICE[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    return _run_grouped(choice, a, b, out_dtype, kw)
+
+
+def _run_grouped(choice: tuple[str, triton.Config | None], a, b, out_dtype, kw) -> torch.Tensor:
+    impl, config = choice
+    if impl == "cublas32":
+        return _cublas32(a, b, out_dtype, **kw)
+    return scaled_gemm(a, b, out_dtype, config=config, **kw)
+
+
 def gemm_fn(grouped: bool = False, work: int | None = None):
     """The GEMM with the FP4 epilogue (`scaled_gemm`'s contract). Dense (HF_LOWBIT_GEMM): "auto" (default) picks by
     the layer's size `work` (= M·N·K of its fprop; see AUTO_CUBLAS_MIN_WORK); cuBLAS with an FP32 product + one
     epilogue pass ("cublas32": device-faster on large layers, more host time), the Triton GEMM with its fused
     epilogue ("triton": the same numerics up to summation order, fewer launches), or cuBLAS with a BF16-rounded
-    product + the pass ("cublas": one extra rounding). Grouped MoE experts (HF_LOWBIT_GROUPED_GEMM): batched cuBLAS
-    with an FP32 product + the pass ("cublas32", default: P8 10% faster on an H200, at +1.3 GB of transient FP32
-    products) or the batched Triton GEMM ("triton")."""
+    product + the pass ("cublas": one extra rounding). Grouped MoE experts (HF_LOWBIT_GROUPED_GEMM): "auto"
+    (default, `grouped_auto`: the faster of the two below per shape class, measured on first use), batched cuBLAS
+    with an FP32 product + the pass ("cublas32": +1.3 GB of transient FP32 products at P8) or the batched Triton
+    GEMM ("triton")."""
     if grouped:
         impl = env_choice("HF_LOWBIT_GROUPED_GEMM", GROUPED_GEMM_IMPLS)
+        if impl == "auto":
+            return grouped_auto
     else:
         impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
         if impl == "auto":

@@ -126,12 +126,13 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None, center: bool = 
     kernel), and the split count. One Triton pass. Without a mask and without centring (the weights) only the
     extrema are written, as ±max |z| (the sums are not needed)."""
     g, length, k = z.shape
-    bl, bk, warps = (32, 64, 4) if interpreting() else stats_config()
+    weights = mask is None and not center
+    bl, bk, warps = (32, 64, 4) if interpreting() else stats_config(weights)
     rows_per = 32 if interpreting() else 256
     splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)
     grid = (cdiv(k, bk), g, splits)
-    if mask is None and not center:
+    if weights:
         _group_col_absmax_kernel[grid](z, z.stride(0), z.stride(1), z.stride(2), length, k, part[1], part[2],
                                        ROWS_PER=rows_per, BL=bl, BK=bk, num_warps=warps)
         return part, splits
@@ -142,15 +143,16 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None, center: bool = 
     return part, splits
 
 
-def stats_config() -> tuple[int, int, int]:
+def stats_config(weights: bool) -> tuple[int, int, int]:
     """(rows per loop step, columns, warps) of the grouped statistics kernels; HF_LOWBIT_GSTATS="BL,BK,W" overrides
-    (benchmark sweeps). 16×128 with 4 warps: 128 registers for the three accumulators (32 rows took 254, which left
-    two programs per SM to hide the loads' latency: 1.4 TB/s on an H200)."""
+    (benchmark sweeps). Measured on an H200 at P8 shapes (benchmarks/NOTES.md, fifth session): the masked
+    sum/max/min pass is fastest with 8-row steps (1.66 TB/s; 32-row steps took 254 registers, 1.34 TB/s), the
+    weights' abs-max pass with 32-row steps (3.66 TB/s; torch's aminmax 3.0)."""
     env = env_setting("HF_LOWBIT_GSTATS")
     if env:
         bl, bk, w = (int(v) for v in env.split(","))
         return bl, bk, w
-    return 16, 128, 4
+    return (32, 128, 4) if weights else (8, 128, 4)
 
 
 def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool

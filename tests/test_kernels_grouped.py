@@ -333,8 +333,35 @@ def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
         group_mean_quantized(x, fmt, "up")
 
 
+def test_grouped_auto_gemm_takes_the_faster_path_per_shape_class_once(monkeypatch):
+    """HF_LOWBIT_GROUPED_GEMM=auto (default): on first use of a shape class every candidate (cuBLAS + the pass,
+    the Triton GEMM at each tile config) is timed and the fastest is kept for that class; the result equals the
+    chosen path's; the timing is not repeated for the same class (here with fake timings on the CPU)."""
+    from hf_lowbit.kernels import gemm
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 32, 64, generator=gen).to(DEV, torch.bfloat16)
+    b = torch.randn(2, 48, 64, generator=gen).to(DEV, torch.bfloat16)
+    sa, sb = torch.rand(2, device=DEV) + 0.5, torch.rand(2, device=DEV) + 0.5
+    for fake, expect in (([3.0, 2.0] + [5.0] * 10, "triton"), ([1.0] + [2.0] * 11, "cublas32")):
+        gemm._GROUPED_CHOICE.clear()
+        timed = []
+        monkeypatch.setattr(gemm, "_can_time", lambda t: True)
+        monkeypatch.setattr(gemm, "_device_ms", lambda fn: (timed.append(fn), fake[len(timed) - 1])[1])
+        out = gemm.grouped_auto(a, b, torch.bfloat16, sa, sb)
+        assert len(timed) == 1 + 1 + len(gemm._CONFIGS)
+        (impl, config), = gemm._GROUPED_CHOICE.values()
+        assert impl == expect and (config is gemm._BATCHED_CONFIG) == (expect == "triton")
+        ref = (gemm._cublas32(a, b, torch.bfloat16, sa, sb) if expect == "cublas32"
+               else gemm.scaled_gemm(a, b, torch.bfloat16, sa, sb))
+        assert torch.equal(out, ref)
+        gemm.grouped_auto(a, b, torch.bfloat16, sa, sb)  # same class: no new timing
+        assert len(timed) == 2 + len(gemm._CONFIGS)
+    gemm._GROUPED_CHOICE.clear()
+
+
 def test_grouped_linear_through_batched_cublas_equals_the_triton_gemm(monkeypatch):
-    """HF_LOWBIT_GROUPED_GEMM=cublas32 (default): the experts' three batched GEMMs through cuBLAS with an FP32 product
+    """HF_LOWBIT_GROUPED_GEMM=cublas32: the experts' three batched GEMMs through cuBLAS with an FP32 product
     + the epilogue pass give the batched Triton GEMM's results up to summation order; unknown values are refused."""
     from conftest import kernel_switch
 
