@@ -138,6 +138,12 @@ _CONFIGS = [
 _SMALL_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_stages=3, num_warps=4)
 #: MoE experts: M (the capacity) changes every step, so one fixed config rather than tuning keyed on it
 _BATCHED_CONFIG = triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=4, num_warps=8)
+#: also tried by the grouped "auto" choice: BK = 32 divides every MoE capacity (a multiple of 32), so the wgrad GEMMs
+#: (K = the capacity) run without a masked K tail
+_GROUPED_EXTRA_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 32, "GROUP_M": 8}, num_stages=5, num_warps=8),
+    triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
+]
 
 #: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
 _BEST: dict[tuple, triton.Config] = {}
@@ -341,10 +347,15 @@ def grouped_auto(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=No
            *(t is not None for t in (sa, vrow, r1, r2, row_mask, wgrad_tokens)), a.get_device())
     choice = _GROUPED_CHOICE.get(key)
     if choice is None:
-        candidates = [("cublas32", None)] + [("triton", c) for c in (_BATCHED_CONFIG, *_CONFIGS)]
+        candidates = [("cublas32", None)] + [("triton", c) for c in grouped_configs()]
         times = [_device_ms(lambda c=c: _run_grouped(c, a, b, out_dtype, kw)) for c in candidates]
         choice = _GROUPED_CHOICE[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _run_grouped(choice, a, b, out_dtype, kw)
+
+
+def grouped_configs() -> list[triton.Config]:
+    """The Triton tile configs the grouped "auto" choice times."""
+    return [_BATCHED_CONFIG, *_CONFIGS, *_GROUPED_EXTRA_CONFIGS]
 
 
 def _run_grouped(choice: tuple[str, triton.Config | None], a, b, out_dtype, kw) -> torch.Tensor:

@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device("cuda")
     cases = gemm_cases(args.experts, args.capacity, args.hidden, args.intermediate, device)
-    configs = {"batched_default": gemm._BATCHED_CONFIG} | {f"cfg{j}": c for j, c in enumerate(gemm._CONFIGS)}
+    configs = {f"cfg{j}": c for j, c in enumerate(gemm.grouped_configs())}  # cfg0: the batched default
     results: dict[str, Any] = {}
     for name, case in cases.items():
         kw = {k: v for k, v in case.items() if k not in ("a", "b")}
