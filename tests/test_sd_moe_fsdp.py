@@ -98,6 +98,9 @@ def _worker(rank: int, out_dir: str, backend: str) -> None:
             for pname, p in mod.named_parameters():
                 result[f"weight {name}.{pname}"] = _max_diff(other.get_parameter(pname).full_tensor(), p)
         Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+        # both ranks done before either tears gloo down: a rank leaving first once aborted the other's exit ("terminate
+        # called without an active exception", one run in a loaded full suite)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
