@@ -62,8 +62,8 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
 def _group_col_absmax_kernel(z_ptr, szg, szl, szk, L, K, max_ptr, min_ptr, ROWS_PER: tl.constexpr,
                              BL: tl.constexpr, BK: tl.constexpr):
     """Partial (row split, group, column) max |z| over every row (the weights: no mask, no mean), written as the
-    column max and its negation as the column min, the layout `_group_finalize_kernel` reads. A NaN propagates
-    (the group's scale becomes NaN), as in the statistics pass. Two operations per element instead of eight."""
+    column max and its negation as the column min, the layout `_group_finalize_kernel` reads. A NaN is written as
+    +inf (the group's scale becomes NaN), as in the statistics pass. Two operations per element instead of eight."""
     grp = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     cols = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -79,6 +79,7 @@ def _group_col_absmax_kernel(z_ptr, szg, szl, szk, L, K, max_ptr, min_ptr, ROWS_
         amax = tl.reduce(acc, 0, max_nan)
     else:  # the same values (a custom combine runs element by element in Python under the interpreter)
         amax = tl.where(tl.sum((acc != acc).to(tl.int32), axis=0) > 0, float("nan"), tl.max(acc, axis=0))
+    amax = tl.where(amax != amax, float("inf"), amax)  # stored as +inf: the finalize's max over splits skips NaN
     out = (split * tl.num_programs(1) + grp) * K + cols
     tl.store(max_ptr + out, amax, mask=cmask)
     tl.store(min_ptr + out, -amax, mask=cmask)

@@ -78,10 +78,11 @@ def test_group_stats_match_torch_on_edge_groups(masked):
     """μ and the NVFP4 tensor scale per group against plain torch: an all-zero group, a group with +Inf (NaN scale),
     a tiny one (1e-30: subnormal scale), a huge one (3e30); uncentred without a mask is the weights' case."""
     gen = torch.Generator().manual_seed(11)
-    g, length, k = 5, 64, 300  # k: more than one column chunk of the finalize, ragged
+    g, length, k = 6, 64, 300  # k: more than one column chunk of the finalize, ragged
     x = torch.randn(g, length, k, generator=gen)
     x[0] = 0
     x[1, 5, 17] = float("inf")
+    x[5, 9, 33] = float("nan")  # uncentred without a mask: the weights' abs-max pass (a NaN outside the first split)
     x[2] *= 1e-30
     x[3] *= 3e30
     mask = torch.ones(g, length)
@@ -95,12 +96,12 @@ def test_group_stats_match_torch_on_edge_groups(masked):
         real = mask.bool()[..., None] if masked else torch.ones_like(x, dtype=torch.bool)
         n = real.sum(1).clamp(min=1)
         mu_ref = torch.where(real, x, 0).sum(1) / n if center else torch.zeros(g, k, device=DEV)
-        size = x.abs().amax((1, 2)).clamp(min=1e-38)[:, None]  # summation order: relative to the group's size
+        size = x.abs().nan_to_num().amax((1, 2)).clamp(min=1e-38)[:, None]  # summation order: relative to size
         torch.testing.assert_close(mu / size, mu_ref / size, rtol=0, atol=1e-6, equal_nan=True)
         r = torch.where(real, x - mu[:, None, :], 0)  # the scale of the residual about the kernel's μ: exact
         amax = r.abs().amax((1, 2))
         ts_ref = torch.where(torch.isfinite(amax), amax / torch.tensor(2688.0, device=DEV), float("nan"))
-        assert torch.isnan(ts[1]) and ts[0] == 0
+        assert torch.isnan(ts[1]) and torch.isnan(ts[5]) and ts[0] == 0
         assert torch.equal(ts[[0, 2, 3, 4]], ts_ref[[0, 2, 3, 4]])
     w = torch.randn(3, 32, 40, generator=gen).to(DEV)
     w[2, 3, 5] = float("nan")  # the weights' path (no mask, no mean): a NaN makes its group's scale NaN, only its
