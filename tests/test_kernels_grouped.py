@@ -360,6 +360,14 @@ def test_grouped_auto_gemm_takes_the_faster_path_per_shape_class_once(monkeypatc
         assert len(timed) == 1 + len(gemm.grouped_configs())
     gemm._GROUPED_CHOICE.clear()
 
+    def out_of_memory(fn):
+        raise torch.OutOfMemoryError("timing scratch")
+
+    monkeypatch.setattr(gemm, "_device_ms", out_of_memory)  # no memory to time in: the cuBLAS path, no failure
+    assert torch.equal(gemm.grouped_auto(a, b, torch.bfloat16, sa, sb), gemm._cublas32(a, b, torch.bfloat16, sa, sb))
+    assert list(gemm._GROUPED_CHOICE.values()) == [("cublas32", None)]
+    gemm._GROUPED_CHOICE.clear()
+
 
 def test_grouped_linear_through_batched_cublas_equals_the_triton_gemm(monkeypatch):
     """HF_LOWBIT_GROUPED_GEMM=cublas32: the experts' three batched GEMMs through cuBLAS with an FP32 product
