@@ -76,6 +76,22 @@ def env_choice(name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def env_ints(name: str, lows: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A tuning override of ``len(lows)`` comma-separated integers (e.g. ``HF_LOWBIT_QCFG="64,64,4"``), each at least
+    its entry of `lows`; None when unset. Any other value is refused by name before a launch."""
+    value = env_setting(name)
+    if value is None:
+        return None
+    try:
+        ints = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        ints = ()
+    if len(ints) != len(lows) or any(v < low for v, low in zip(ints, lows)):
+        raise ValueError(f"{name}={value!r} is not valid; allowed: {len(lows)} comma-separated integers, each at "
+                         f"least {list(lows)}")
+    return ints
+
+
 def reload_env_settings() -> None:
     """Forget the cached ``HF_LOWBIT_*`` switches so that the next launch reads the environment again."""
     _SETTINGS.clear()

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, env_choice, env_setting,
+from hf_lowbit.kernels._common import (bf16_rne, cdiv, e2m1_value, e4m3_decode, e8m0_scale, env_choice, env_ints,
                                        interpreting, next_pow2)
 from hf_lowbit.numerics import PackedTensor
 
@@ -263,9 +263,7 @@ def _fma_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     if interpreting():
         return 16, 64, 4, (2 if KP >= 128 else 1)
     bn, bk, w, split = 16, 256, 4, 0  # v2 sweep on H100 (NOTES.md): 16×256, 4 warps, auto split
-    env = env_setting("HF_LOWBIT_GCFG")
-    if env:
-        bn, bk, w, split = (int(v) for v in env.split(","))
+    bn, bk, w, split = env_ints("HF_LOWBIT_GCFG", (1, 1, 1, 0)) or (bn, bk, w, split)
     bk = max(B, min(bk, next_pow2(KP)))
     nk = cdiv(KP, bk)
     if split <= 0:
@@ -279,9 +277,7 @@ def _gemv_config(N: int, KP: int, B: int) -> tuple[int, int, int, int]:
     if interpreting():
         return 16, max(B // 2, 32), 4, (2 if KP >= 128 else 1)
     bn, nbytes, w, split = 16, 256, 4, 0  # H200 sweep (NOTES.md, 2026-11-30 third session): 16×256 fastest
-    env = env_setting("HF_LOWBIT_GEMV_CFG")
-    if env:
-        bn, nbytes, w, split = (int(v) for v in env.split(","))
+    bn, nbytes, w, split = env_ints("HF_LOWBIT_GEMV_CFG", (1, 1, 1, 0)) or (bn, nbytes, w, split)
     nbytes = max(B // 2, min(nbytes, next_pow2(KP // 2)))
     nk = cdiv(KP // 2, nbytes)
     if split <= 0:

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
-from hf_lowbit.kernels._common import COMPILED, cdiv, env_setting, interpreting, max_nan
+from hf_lowbit.kernels._common import COMPILED, cdiv, env_ints, interpreting, max_nan
 from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
 from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
@@ -149,11 +149,7 @@ def stats_config(weights: bool) -> tuple[int, int, int]:
     (benchmark sweeps). Measured on an H200 at P8 shapes (benchmarks/NOTES.md, fifth session): the masked
     sum/max/min pass is fastest with 8-row steps (1.66 TB/s; 32-row steps took 254 registers, 1.34 TB/s), the
     weights' abs-max pass with 32-row steps (3.66 TB/s; torch's aminmax 3.0)."""
-    env = env_setting("HF_LOWBIT_GSTATS")
-    if env:
-        bl, bk, w = (int(v) for v in env.split(","))
-        return bl, bk, w
-    return (32, 128, 4) if weights else (8, 128, 4)
+    return env_ints("HF_LOWBIT_GSTATS", (1, 1, 1)) or ((32, 128, 4) if weights else (8, 128, 4))
 
 
 def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None, center: bool, is_nv: bool

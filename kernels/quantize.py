@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import (abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne, e8m0_from_amax,
-                                       e8m0_inv_scale, e8m0_scale, env_setting, interpreting, next_pow2, round_e2m1)
+                                       e8m0_inv_scale, e8m0_scale, env_ints, env_setting, interpreting, next_pow2,
+                                       round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "group_mean_quantized", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -523,9 +524,9 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
     """(BM, BK, num_warps) of the quantize launch; HF_LOWBIT_QCFG="BM,BK,W" overrides (benchmark sweeps)."""
     if interpreting():
         return max(B, 32), max(B, 32), 4
-    env = env_setting("HF_LOWBIT_QCFG")
+    env = env_ints("HF_LOWBIT_QCFG", (1, 1, 1))
     if env:
-        bm, bk, w = (int(v) for v in env.split(","))
+        bm, bk, w = env
         return max(bm, B), max(bk, B), w
     if row and not col:
         return 32, 128, 4
@@ -558,14 +559,14 @@ _STATS_PLANS: dict[tuple, _StatsPlan] = {}
 def _stats_plan(M: int, K: int) -> _StatsPlan:
     """Launch geometry of the two statistics kernels for an [M, K] input, computed once per shape (host time:
     this runs for every quantized activation and gradient)."""
-    scfg = env_setting("HF_LOWBIT_SCFG", "32,128,4")
+    scfg = env_ints("HF_LOWBIT_SCFG", (1, 1, 1)) or (32, 128, 4)
     key = (M, K, scfg)
     plan = _STATS_PLANS.get(key)
     if plan is None:
         if interpreting():
             BMS, BKS, split, SW = 16, 32, 2, 4
         else:
-            BMS, BKS, SW = (int(v) for v in scfg.split(","))
+            BMS, BKS, SW = scfg
             split = max(1, min(cdiv(M, BMS), (4 * 132) // max(1, cdiv(K, BKS)) + 1))
         # rows per program: a power of two (>= BMS), so that new token counts reuse a few compiled variants
         rows_per = max(BMS, next_pow2(cdiv(M, split)))

@@ -54,6 +54,13 @@ def _routing_kernels(t: torch.Tensor) -> bool:
     return _expert_kernels(t, "HF_LOWBIT_ROUTING")
 
 
+def expert_counts(expert: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """[E + 1] assignments per expert; the last bin counts those to experts ≥ E (not on this rank). scatter_add, not
+    bincount: CUDA's bincount reads the input's maximum back to the host (a sync)."""
+    idx = expert.clamp(max=num_experts).to(dtype)
+    return torch.zeros(num_experts + 1, dtype=dtype, device=expert.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 def _is_silu(act_fn: nn.Module) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
@@ -150,9 +157,7 @@ class PendingRouting:
         t, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        # scatter_add, not bincount: CUDA's bincount reads the input's maximum back to the host (a sync)
-        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
-            0, flat.clamp(max=num_experts), torch.ones_like(flat))[:num_experts]
+        counts = expert_counts(flat, num_experts)[:num_experts]
         stats = torch.stack([counts.max() if num_experts else counts.sum(), counts.sum()])
         ready = None
         if stats.is_cuda:
@@ -253,8 +258,7 @@ def grouped_expert_mlp(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     dtype = _autocast_dtype(hidden.device, gate_up.dtype)
     expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
     valid = (expert < e)[:, None]
-    counts = torch.zeros(e + 1, dtype=torch.int32, device=hidden.device).scatter_add_(
-        0, expert.clamp(max=e).int(), torch.ones_like(expert, dtype=torch.int32))
+    counts = expert_counts(expert, e, torch.int32)
     offsets = torch.cumsum(counts[:e], 0, dtype=torch.int32)
     # rows past offsets[-1] (other ranks' assignments) are not written by grouped_mm (uninitialized memory): zero
     # their input (and so its gradient) and their output before it meets the routing weight (0 · NaN is NaN, also in

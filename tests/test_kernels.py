@@ -439,6 +439,27 @@ def test_dense_gemm_config_is_tuned_once_per_row_bucket(monkeypatch):
     assert all(cfg is gemm._CONFIGS[1] for cfg in gemm._BEST.values()) and len(gemm._BEST) == 2
 
 
+@pytest.mark.parametrize("bad", ["64,64", "64,x,4", "0,64,4", ""])
+def test_tile_overrides_refuse_malformed_values_by_name(monkeypatch, bad):
+    """The sweep overrides (HF_LOWBIT_QCFG, _SCFG, _GSTATS: three integers ≥ 1; _GCFG, _GEMV_CFG: four, SPLIT ≥ 0)
+    are parsed by one helper: a malformed value is refused with the variable's name and what is allowed; a valid one
+    is returned as integers; unset gives None."""
+    from hf_lowbit.kernels._common import env_ints
+
+    for name, lows in (("HF_LOWBIT_QCFG", (1, 1, 1)), ("HF_LOWBIT_SCFG", (1, 1, 1)), ("HF_LOWBIT_GSTATS", (1, 1, 1)),
+                       ("HF_LOWBIT_GCFG", (1, 1, 1, 0)), ("HF_LOWBIT_GEMV_CFG", (1, 1, 1, 0))):
+        with kernel_switch(monkeypatch, name, bad), pytest.raises(ValueError, match=f"{name}=.*allowed: {len(lows)}"):
+            env_ints(name, lows)
+        good = ",".join(str(max(low, 1) * 16) for low in lows)
+        with kernel_switch(monkeypatch, name, good):
+            assert env_ints(name, lows) == tuple(max(low, 1) * 16 for low in lows)
+        assert env_ints(name, lows) is None
+    from hf_lowbit.kernels.grouped import stats_config
+
+    with kernel_switch(monkeypatch, "HF_LOWBIT_GSTATS", "64,x"), pytest.raises(ValueError, match="HF_LOWBIT_GSTATS"):
+        stats_config(True)  # the grouped statistics read it through the helper
+
+
 def test_kernel_switches_are_read_once_until_reloaded(monkeypatch):
     """`env_setting` caches HF_LOWBIT_* switches (an environment lookup per launch cost ~3 µs, dozens per linear
     step); a change is seen after `reload_env_settings()`, and defaults apply to unset switches."""

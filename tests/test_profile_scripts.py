@@ -52,7 +52,8 @@ def test_profiles_refuse_bad_input(tmp_path, capsys):
             (profile_train_step.main, ["--steps", "0"], "--steps=0 is not valid"),
             (profile_train_step.main, ["--config", "qwen3-tiny", "--out", str(out)], "exists"),
             (profile_experts.main, ["--tiny", "--tokens", "0"], "--tokens=0 is not valid"),
-            (profile_experts.main, ["--tiny", "--out", str(out)], "exists")):
+            (profile_experts.main, ["--tiny", "--out", str(out)], "exists"),
+            (profile_experts.main, ["--tiny", "--iters", "0"], "--iters=0 is not valid")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
@@ -64,6 +65,29 @@ def test_experts_profile_tiny(tmp_path):
     profile_experts.main(["--tiny", "--rows", "3", "--out", str(out)])
     text = out.read_text()
     assert "experts fwd+bwd" in text and "GroupedAverisLinear" in text  # the FP4 experts op ran and was profiled
+    assert "host (self CPU time)" in text
+    timeline = text.split("timeline (median, no profiler): ")[1].splitlines()[0]
+    times = dict(item.split(" ") for item in timeline.split(", "))
+    assert set(times) == {"host_fwd_ms", "host_bwd_ms"} and all(float(v) > 0 for v in times.values())  # CPU: host
+
+
+def test_device_idle_finds_the_gaps_and_what_the_host_did():
+    """`device_idle` on a hand-made event list: busy time is the union of kernel intervals (overlaps counted once),
+    idle the rest of the span, the longest gap first with the kernel after it and the innermost host op at its
+    middle."""
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, kind):
+        return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("k1", 0, 10, cuda), event("k2", 5, 20, cuda), event("k3", 50, 60, cuda), event("k4", 62, 70, cuda),
+              event("step", 0, 80, cpu), event("aten::copy_", 25, 45, cpu)]
+    idle = profile_experts.device_idle(SimpleNamespace(events=lambda: events), top=2)
+    assert (idle["span_ms"], idle["busy_ms"], idle["idle_ms"], idle["gaps"]) == (0.07, 0.038, 0.032, 2)
+    assert idle["longest_gaps_us"] == [(30.0, "k3", "aten::copy_ < step"), (2.0, "k4", "step")]
+    assert profile_experts.device_idle(SimpleNamespace(events=lambda: [events[4]])) == {}
 
 
 def _assert_refused(main, cases, capsys, kept: Path) -> None:
