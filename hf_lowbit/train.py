@@ -827,18 +827,7 @@ def run(a: argparse.Namespace) -> dict:
         data.update({"summary": summary, "log_history": trainer.state.log_history})
         log.write_text(json.dumps(data, indent=1, default=str))
         print(f"[hf-lowbit train] done: {json.dumps(summary, default=str)}", flush=True)
-    _leave_process_group()
     return summary
-
-
-def _leave_process_group() -> None:
-    """Multi-process runs: the ranks meet, then the process group is torn down before the interpreter exits (left to
-    exit, gloo's threads once aborted a rank: "terminate called without an active exception", exit status -6)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def main_from_args(args: argparse.Namespace) -> int:
