@@ -82,7 +82,7 @@ def test_group_stats_match_torch_on_edge_groups(masked):
     x = torch.randn(g, length, k, generator=gen)
     x[0] = 0
     x[1, 5, 17] = float("inf")
-    x[5, 9, 33] = float("nan")  # uncentred without a mask: the weights' abs-max pass (a NaN outside the first split)
+    x[5, 9, 33] = float("nan")  # a step whose rows are all real (select-free branch); unmasked: the abs-max pass, outside the first split
     x[2] *= 1e-30
     x[3] *= 3e30
     mask = torch.ones(g, length)
