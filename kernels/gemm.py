@@ -235,15 +235,17 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa: to
 
 
 @triton.jit(do_not_specialize=["M"])
-def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr,
-                     n_tok, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr,
-                     HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr, ROUND_BF16: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr):
-    """`_gemm_kernel`'s epilogue as a pass over a finished product c [G, M, N] (contiguous; groups on grid axis 2,
-    their scales at [g], vectors at [g·N] / [g·M], as there)."""
+def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sog, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+                     rmask_ptr, ms_ptr, n_tok, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr, HAS_R1: tl.constexpr,
+                     HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr, HAS_MEAN: tl.constexpr,
+                     ROUND_BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """`_gemm_kernel`'s epilogue as a pass over a finished product c [G, M(+1), N] (rows contiguous, group stride scg;
+    the output's sog; groups on grid axis 2, their scales at [g], vectors at [g·N] / [g·M], as there). HAS_MEAN:
+    c's row M is the mean row's product v·bᵀ; the row vector added is that row times (ms[g]·sb[g]), where ms_ptr is
+    the mean's tensor scale (with HAS_SCALE; else the row as it is): the rank-1 term without a GEMV of its own."""
     grp = tl.program_id(2).to(tl.int64)
     c_ptr += grp * scg
-    o_ptr += grp * scg
+    o_ptr += grp * sog
     sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr = _group_vectors(
         grp, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -253,6 +255,11 @@ def _epilogue_kernel(c_ptr, o_ptr, M, N, scg, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, 
     acc = tl.load(c_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
     acc = _epilogue(acc, offs_m, offs_n, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, n_tok,
                     HAS_SCALE, HAS_VROW, HAS_R1, HAS_R2, WGRAD)
+    if HAS_MEAN:  # the same arithmetic as the separate rank-1: P · (ms·sb), then added to the scaled tile
+        vr = tl.load(c_ptr + M * N + offs_n, mask=offs_n < N, other=0.0)
+        if HAS_SCALE:
+            vr = vr * (tl.load(ms_ptr + grp) * tl.load(sb_ptr))
+        acc += vr[None, :]
     acc = _finish_tile(acc, offs_m, M, rmask_ptr, HAS_RMASK, ROUND_BF16)
     tl.store(o_ptr + ptr, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -275,15 +282,23 @@ def fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
                     r2=None, row_mask: torch.Tensor | None = None, wgrad_tokens: int | None = None,
-                    fp32_product: bool = False) -> torch.Tensor:
+                    fp32_product: bool = False, mean_last_row: bool = False,
+                    mean_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `scaled_gemm` (dense or batched), via cuBLAS + one epilogue pass. `fp32_product`: cuBLAS
     writes the FP32 product and the epilogue rounds once (the reference's numerics, up to summation order, like
-    `scaled_gemm`); else the product is rounded to BF16 before the epilogue (half the bytes between the two)."""
+    `scaled_gemm`); else the product is rounded to BF16 before the epilogue (half the bytes between the two).
+    `mean_last_row` (batched): a's last row per group is a quantized mean row v; the output is the other rows' and
+    gets the row vector (v·bᵀ)·(mean_scale·sb) added: the Averis rank-1 term from the same GEMM."""
     batched = a.dim() == 3
+    if mean_last_row and (not batched or vrow is not None or r1 is not None or r2 is not None
+                          or (sa is not None) != (mean_scale is not None)):
+        raise ValueError("cublas_epilogue: mean_last_row needs batched operands, no vrow/r1/r2, and a mean_scale "
+                         "exactly when the operands have tensor scales")
     bt = b.transpose(-1, -2)
     c = fp32_mm(a, bt) if fp32_product else (torch.bmm(a, bt) if batched else torch.mm(a, bt))
     c3 = c if batched else c[None]
-    G, M, N = c3.shape
+    G, MC, N = c3.shape
+    M = MC - 1 if mean_last_row else MC
     dev = a.device
     dummy = dummy_tensors(dev)[2]
 
@@ -292,13 +307,14 @@ def cublas_epilogue(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa
 
     u1, v1 = r1 if r1 is not None else (None, None)
     u2, v2 = r2 if r2 is not None else (None, None)
-    out = c3 if out_dtype == c3.dtype else torch.empty((G, M, N), device=dev, dtype=out_dtype)
+    in_place = out_dtype == c3.dtype and not mean_last_row
+    out = c3 if in_place else torch.empty((G, M, N), device=dev, dtype=out_dtype)
     BM, BN = 32, 128
     _epilogue_kernel[(cdiv(M, BM), cdiv(N, BN), G)](
-        c3, out, M, N, M * N, vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
-        float(wgrad_tokens or 0), HAS_SCALE=sa is not None, HAS_VROW=vrow is not None, HAS_R1=r1 is not None,
-        HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None, HAS_RMASK=row_mask is not None,
-        ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
+        c3, out, M, N, MC * N, M * N, vec(sa), vec(sb), vec(vrow), vec(u1), vec(v1), vec(u2), vec(v2), vec(row_mask),
+        vec(mean_scale), float(wgrad_tokens or 0), HAS_SCALE=sa is not None, HAS_VROW=vrow is not None,
+        HAS_R1=r1 is not None, HAS_R2=r2 is not None, WGRAD=wgrad_tokens is not None,
+        HAS_RMASK=row_mask is not None, HAS_MEAN=mean_last_row, ROUND_BF16=out_dtype == torch.bfloat16, BM=BM, BN=BN)
     return out if batched else out[0]
 
 
@@ -333,28 +349,33 @@ _GROUPED_CHOICE: dict[tuple, tuple[str, triton.Config | None]] = {}
 
 
 def grouped_auto(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, sa=None, sb=None, vrow=None, r1=None,
-                 r2=None, row_mask=None, wgrad_tokens=None) -> torch.Tensor:
+                 r2=None, row_mask=None, wgrad_tokens=None, mean_last_row: bool = False,
+                 mean_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The batched GEMM with the FP4 epilogue through whichever of cuBLAS + the pass or the Triton GEMM (at its best
     tile config) was faster on this shape class when first seen. Per GEMM of one P8 step on an H200 the winner
-    differs (Triton 0.90-0.94× cuBLAS for the down fprop and both dgrads, 1.07× for the gate_up fprop, 1.4× for
-    the wgrads), so one fixed choice leaves time on the table. The interpreter (CPU) takes cuBLAS's path."""
+    differs (Triton 0.86-0.98× cuBLAS for the down fprop and both dgrads, 1.07-1.15× for the gate_up fprop,
+    1.3-1.4× for the wgrads), so one fixed choice leaves time on the table. With `mean_last_row` (see
+    `cublas_epilogue`) each candidate is timed with its way of adding the mean's rank-1 row: cuBLAS from the same
+    GEMM, the Triton GEMM after a GEMV that re-reads b. The interpreter (CPU) takes cuBLAS's path."""
     kw = dict(sa=sa, sb=sb, vrow=vrow, r1=r1, r2=r2, row_mask=row_mask, wgrad_tokens=wgrad_tokens)
+    mean = (mean_last_row, mean_scale)
     if not _can_time(a):
-        return _cublas32(a, b, out_dtype, **kw)
+        return _run_grouped(("cublas32", None), a, b, out_dtype, kw, mean)
     G, M, K = a.shape
     N = b.shape[1]
     key = (m_bucket(M), N, K, G, a.stride(2) == 1, b.stride(2) == 1, a.dtype, b.dtype, out_dtype,
-           *(t is not None for t in (sa, vrow, r1, r2, row_mask, wgrad_tokens)), a.get_device())
+           *(t is not None for t in (sa, vrow, r1, r2, row_mask, wgrad_tokens, mean_scale)), mean_last_row,
+           a.get_device())
     choice = _GROUPED_CHOICE.get(key)
     if choice is None:
         candidates = [("cublas32", None)] + [("triton", c) for c in grouped_configs()]
         try:
-            times = [_device_ms(lambda c=c: _run_grouped(c, a, b, out_dtype, kw)) for c in candidates]
+            times = [_device_ms(lambda c=c: _run_grouped(c, a, b, out_dtype, kw, mean)) for c in candidates]
             choice = candidates[min(range(len(candidates)), key=times.__getitem__)]
         except torch.OutOfMemoryError:  # timing needs scratch memory (outputs, do_bench's L2 flush buffer): a
             choice = candidates[0]      # training run that fills the GPU keeps the cuBLAS path instead of failing
         _GROUPED_CHOICE[key] = choice
-    return _run_grouped(choice, a, b, out_dtype, kw)
+    return _run_grouped(choice, a, b, out_dtype, kw, mean)
 
 
 def grouped_configs() -> list[triton.Config]:
@@ -362,11 +383,33 @@ def grouped_configs() -> list[triton.Config]:
     return [_BATCHED_CONFIG, *_CONFIGS, *_GROUPED_EXTRA_CONFIGS]
 
 
-def _run_grouped(choice: tuple[str, triton.Config | None], a, b, out_dtype, kw) -> torch.Tensor:
-    impl, config = choice
+def mean_row_vector(v: torch.Tensor, b: torch.Tensor, mean_scale: torch.Tensor | None,
+                    sb: torch.Tensor | None) -> torch.Tensor:
+    """(v·bᵀ)·(mean_scale·sb) per group, FP32 [G, N] (v [G, K], b [G, N, K]): the rank-1 row as its own GEMV."""
+    prod = fp32_mm(v[:, None, :], b.transpose(1, 2))[:, 0]
+    return prod if mean_scale is None else prod * (mean_scale * sb)[:, None]
+
+
+def _run_grouped(choice: tuple[str, triton.Config | None], a, b, out_dtype, kw,
+                 mean: tuple[bool, torch.Tensor | None] = (False, None)) -> torch.Tensor:
+    (impl, config), (mean_last_row, mean_scale) = choice, mean
     if impl == "cublas32":
-        return _cublas32(a, b, out_dtype, **kw)
+        return _cublas32(a, b, out_dtype, mean_last_row=mean_last_row, mean_scale=mean_scale, **kw)
+    if mean_last_row:
+        m = a.shape[1] - 1
+        kw = dict(kw, vrow=mean_row_vector(a[:, m], b, mean_scale, kw["sb"]))
+        a = a[:, :m]
     return scaled_gemm(a, b, out_dtype, config=config, **kw)
+
+
+def _grouped_fixed(impl: str):
+    """The grouped GEMM through one implementation (HF_LOWBIT_GROUPED_GEMM=cublas32 / triton), `grouped_auto`'s
+    signature."""
+    def run(a, b, out_dtype, sa=None, sb=None, vrow=None, r1=None, r2=None, row_mask=None, wgrad_tokens=None,
+            mean_last_row=False, mean_scale=None):
+        kw = dict(sa=sa, sb=sb, vrow=vrow, r1=r1, r2=r2, row_mask=row_mask, wgrad_tokens=wgrad_tokens)
+        return _run_grouped((impl, None), a, b, out_dtype, kw, (mean_last_row, mean_scale))
+    return run
 
 
 def gemm_fn(grouped: bool = False, work: int | None = None):
@@ -377,15 +420,13 @@ def gemm_fn(grouped: bool = False, work: int | None = None):
     product + the pass ("cublas": one extra rounding). Grouped MoE experts (HF_LOWBIT_GROUPED_GEMM): "auto"
     (default, `grouped_auto`: the faster of the two below per shape class, measured on first use), batched cuBLAS
     with an FP32 product + the pass ("cublas32": +1.3 GB of transient FP32 products at P8) or the batched Triton
-    GEMM ("triton")."""
+    GEMM ("triton"); the grouped functions also take `mean_last_row` / `mean_scale` (see `cublas_epilogue`)."""
     if grouped:
         impl = env_choice("HF_LOWBIT_GROUPED_GEMM", GROUPED_GEMM_IMPLS)
-        if impl == "auto":
-            return grouped_auto
-    else:
-        impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
-        if impl == "auto":
-            impl = "cublas32" if work is not None and work >= AUTO_CUBLAS_MIN_WORK else "triton"
+        return grouped_auto if impl == "auto" else _grouped_fixed(impl)
+    impl = env_choice("HF_LOWBIT_GEMM", GEMM_IMPLS)
+    if impl == "auto":
+        impl = "cublas32" if work is not None and work >= AUTO_CUBLAS_MIN_WORK else "triton"
     return {"triton": scaled_gemm, "cublas32": _cublas32, "cublas": cublas_epilogue}[impl]
 
 

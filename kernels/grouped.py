@@ -186,17 +186,21 @@ def group_stats(z: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor
     return mu, ts if is_nv else None
 
 
-def _scale(*scales: torch.Tensor | None) -> torch.Tensor | float:
-    out: torch.Tensor | float = 1.0
-    for s in scales:
-        if s is not None:
-            out = out * s[:, None, None]
-    return out
+#: spare rows per group in the fprop / dgrad row operand: row `length` carries the quantized mean (16 keeps each
+#: group's rows 16-row aligned)
+MEAN_ROWS = 16
 
 
-def _rank1(v_unscaled: torch.Tensor, m: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
-    """``v[g] · M[g]`` per group (a [G, 1, ·] row), BF16 operands, FP32 result times the scales."""
-    return fp32_mm(v_unscaled[:, None, :], m) * _scale(*scales)
+def _gemm_rows(z_row: torch.Tensor, g: int, lp: int, length: int, k: int, mean_u: torch.Tensor | None
+               ) -> torch.Tensor:
+    """The fprop / dgrad A operand: the first `length` rows of each group, and with a mean also row `length` set to
+    its quantized values (BF16, no tensor scale; a padding row or a spare row of the operand, which nothing else
+    reads): the GEMM's extra output row is then the Averis rank-1 row Q(μ)·Q(W)ᵀ, without a GEMV re-reading W."""
+    rows = z_row.view(g, lp + MEAN_ROWS, k)
+    if mean_u is None:
+        return rows[:, :length]
+    rows[:, length] = mean_u.to(rows.dtype)
+    return rows[:, :length + 1]
 
 
 def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) -> torch.Tensor:
@@ -211,6 +215,7 @@ def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) 
 def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,
                    recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool, want_sum: bool
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    # the row-axis operand has MEAN_ROWS spare rows per group: [G·(lp + MEAN_ROWS), K] (see `_gemm_rows`)
     """(row-axis operand, token-axis wgrad operand, the latter's tensor scales, its per-group token sums or None) of
     z [G·lp, K]: the token axis from the same launch as the row axis (with the sums when `want_sum`), or from its own
     (`kernels/token_axis.py`): always for the rotated residual (``hadamard=True``, its own tensor scales), else with
@@ -220,7 +225,8 @@ def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tens
     if row or (col and not split):
         z_row, z_col, *rest = grouped_quantize_dq(z, lp, rowok, mu, ts, recipe.format, rounding,
                                                   seed31(seed, seed_part), row=row, col=col and not split,
-                                                  mx_scale=recipe.mx_scale, col_sum=want_sum and col and not split)
+                                                  mx_scale=recipe.mx_scale, col_sum=want_sum and col and not split,
+                                                  row_extra=MEAN_ROWS)
         z_sum = rest[0] if rest else None
     ts_col = ts
     if split:
@@ -286,14 +292,16 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
         if prepared is None or (need_dgrad and prepared.col is None):
             prepared = prepare_grouped_weight(weight, recipe, seed, need_dgrad)
         w_row, w_col, ts_w = prepared.row, prepared.col, prepared.tensor_scale
-        mu_x_q = vrow = None
+        mu_x_q = mu_x_u = None
+        mean_kw = {}
         if recipe.center_activations:
             mu_x_q, mu_x_u, ts_mu = group_mean_quantized(mu_x, recipe.format, "sr" if recipe.sr_activations else "rtn",
                                                          seed31(seed, 24), recipe.mx_scale)
-            vrow = _rank1(mu_x_u, w_row.transpose(1, 2), ts_mu, ts_w)[:, 0]
-        # one launch: tensor scales, the rank-1 mean row, the padding mask and the output cast in the epilogue
-        y = gemm_fn(grouped=True)(x_row.view(g, lp, k)[:, :length], w_row, x.dtype, ts_x, ts_w, vrow,
-                        row_mask=mp[:, :length])
+            mean_kw = dict(mean_last_row=True, mean_scale=ts_mu)
+        # tensor scales, the rank-1 mean row (from the mean row of the operand), the padding mask and the output cast
+        # in the epilogue
+        y = gemm_fn(grouped=True)(_gemm_rows(x_row, g, lp, length, k, mu_x_u), w_row, x.dtype, ts_x, ts_w,
+                                  row_mask=mp[:, :length], **mean_kw)
         if need_wgrad and x_sum is None:
             x_sum = _token_sums(x_col.view(g, lp, k), mp, recipe, seed)
         saved = [x_col, x_sum, ts_xc, mu_x_q, w_col, ts_w, mp, counts]
@@ -323,10 +331,9 @@ class TritonGroupedAverisLinear(torch.autograd.Function):
                                                           seed31(seed, 25), recipe.mx_scale)
         dx = dw = None
         if need_dgrad:
-            wc = w_col.view(g, n, k)
-            vrow = None if mu_d_u is None else _rank1(mu_d_u, wc, ts_mud, ts_w)[:, 0]
-            dx = gemm(d_row.view(g, lp, n)[:, :length], wc.transpose(1, 2), dy.dtype, ts_d, ts_w, vrow,
-                             row_mask=mp[:, :length])
+            mean_kw = {} if mu_d_u is None else dict(mean_last_row=True, mean_scale=ts_mud)
+            dx = gemm(_gemm_rows(d_row, g, lp, length, n, mu_d_u), w_col.view(g, n, k).transpose(1, 2), dy.dtype,
+                      ts_d, ts_w, row_mask=mp[:, :length], **mean_kw)
         if need_wgrad:
             dc = d_col.view(g, lp, n)
             x_sum_s = x_sum * (1.0 if ts_x is None else ts_x[:, None])

@@ -232,14 +232,15 @@ def _group_tensor_scale(tsg_ptr, grp, mask):
 @triton.jit(do_not_specialize=["seed_row", "seed_col", "seed_mean", "N_MT"])
 def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
-                  seed_row, seed_col, N_MT, ts_out_ptr, GL, tsg_ptr, rowok_ptr, meanq_ptr, seed_mean,
+                  seed_row, seed_col, N_MT, ts_out_ptr, GL, ROW_EXTRA, tsg_ptr, rowok_ptr, meanq_ptr, seed_mean,
                   BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
                   CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr,
                   ROW: tl.constexpr, ROW_PACK: tl.constexpr, ROW_DQ: tl.constexpr,
                   COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr,
                   GROUPED: tl.constexpr, MEAN_Q: tl.constexpr):
     # GROUPED: x is G stacked groups of GL rows (MoE experts, GL a multiple of B); each group has its own mean
-    # (mean_ptr [G, K]) and tensor scale (tsg_ptr [G]); rows with rowok == 0 (capacity padding) quantize as 0
+    # (mean_ptr [G, K]) and tensor scale (tsg_ptr [G]); rows with rowok == 0 (capacity padding) quantize as 0; the
+    # row-axis output holds GL + ROW_EXTRA rows per group (room for a row the caller appends, e.g. the mean's)
     # MEAN_Q: the first row tile of each column block also quantizes μ's columns (Q(μ) into meanq_ptr; no launch)
     # tiles in reverse row order: the stats pass ended on the last rows, which may still sit in L2
     pm = N_MT - 1 - tl.program_id(0)
@@ -313,7 +314,8 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                      mask=rmask[:, None] & (kb < KP // B)[None, :])
         if ROW_DQ:
             v = tl.reshape(e2m1_rounded(q, SR, rnd) * sbf[:, :, None, None], [BM, BK])
-            tl.store(rdq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16), mask=mask2)
+            orow = rows + (rows // GL) * ROW_EXTRA if GROUPED else rows
+            tl.store(rdq_ptr + orow[:, None].to(tl.int64) * K + cols[None, :], v.to(tl.bfloat16), mask=mask2)
 
     if COL:
         # even / odd rows of each column block as two [NBM, HB, BK] tensors (the second load hits L1/L2)
@@ -695,7 +697,7 @@ def averis_quantize(x: torch.Tensor, format: str = "nvfp4", center: bool = True,
         rc if rc is not None else dummy_u8, rs if rs is not None else dummy_u8,
         rdq if rdq is not None else dummy_bf, cc if cc is not None else dummy_u8,
         cs if cs is not None else dummy_u8, cdq if cdq is not None else dummy_bf,
-        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), plan.n_mt, ts_buf, M, dummy_f,
+        csum if csum is not None else dummy_f, seed31(seed, 1), seed31(seed, 2), plan.n_mt, ts_buf, M, 0, dummy_f,
         dummy_u8, mean_q if center else dummy_f, seed31(seed, 3), **plan.consts)
     ts = mts = None
     if plan.is_nv:
@@ -717,11 +719,13 @@ def _as_bytes(rowok: torch.Tensor) -> torch.Tensor:
 def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, mean: torch.Tensor,
                         tensor_scale: torch.Tensor | None, format: str = "nvfp4", rounding: str = "rtn",
                         seed: int = 0, row: bool = True, col: bool = False, mx_scale: str = "floor",
-                        col_sum: bool = False) -> tuple[torch.Tensor | None, ...]:
+                        col_sum: bool = False, row_extra: int = 0) -> tuple[torch.Tensor | None, ...]:
     """Quantize G stacked groups `x` [G·group_rows, K] (MoE experts in capacity layout) → BF16 code × block scale
     along the hidden axis (`row`) and/or the token axis (`col`), as `(row_dq, col_dq)`; with `col_sum` (and `col`)
     also each group's FP32 column sums of the token-axis values [G, K] (`(row_dq, col_dq, col_sum)`), summed in the
-    same launch per block of B rows and then over the group's blocks (no second read of the operand).
+    same launch per block of B rows and then over the group's blocks (no second read of the operand). `row_extra`:
+    the row-axis output gets that many more (unwritten) rows per group, [G·(group_rows + row_extra), K], for a row
+    the caller appends (the grouped linear's quantized mean, which its GEMM then multiplies along).
 
     Group g is centred on ``mean[g]`` (zeros: no centring) and uses ``tensor_scale[g]`` (NVFP4; computed by the
     caller, like the reference's per-slice tensor scales); rows with ``rowok == 0`` are padding and quantize to 0.
@@ -740,7 +744,10 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
     KP = cdiv(K, B) * B
     BM, BK, nw = _cfg(M, K, B, row, col)
     dummy_u8, dummy_bf, dummy_f = dummy_tensors(dev)
-    rdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if row else None
+    if row_extra < 0:
+        raise ValueError(f"grouped_quantize_dq: row_extra={row_extra} is not valid; allowed: an integer >= 0")
+    rdq = (torch.empty((M // group_rows * (group_rows + row_extra), K), device=dev, dtype=torch.bfloat16) if row
+           else None)
     cdq = torch.empty((M, K), device=dev, dtype=torch.bfloat16) if col else None
     n_mt = cdiv(M, BM)
     ts = tensor_scale.float().contiguous() if is_nv else dummy_f
@@ -750,7 +757,7 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
         dummy_u8, dummy_u8, rdq if rdq is not None else dummy_bf, dummy_u8, dummy_u8,
         cdq if cdq is not None else dummy_bf, dummy_f if csum is None else csum, seed31(seed, 1), seed31(seed, 2),
         n_mt, dummy_f,
-        group_rows, ts, _as_bytes(rowok), dummy_f, 0,
+        group_rows, row_extra, ts, _as_bytes(rowok), dummy_f, 0,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
         FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col,
         COL_SUM=csum is not None, GROUPED=True, MEAN_Q=False, num_warps=nw)

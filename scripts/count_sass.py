@@ -10,7 +10,8 @@ its call are left out). Runs as a script or through `count(...)`.
     python scripts/count_sass.py nv:IS_NV=True,SR=False mx:IS_NV=False --json out.json
     python scripts/count_sass.py --other-kernels                    # compile (and count) the other kernels too
 
-`--other-kernels` compiles the grouped statistics kernels and the grouped quantizer with its column sums for sm_90:
+`--other-kernels` compiles the grouped statistics kernels, the grouped quantizer with its column sums and the GEMM
+epilogue pass with the mean row for sm_90:
 a kernel that does not compile for Hopper fails here, on any machine, instead of on the GPU.
 """
 
@@ -84,16 +85,20 @@ def compile_sm90(fn, constexprs: dict, pointers: dict | None = None, num_warps: 
 
 
 def other_kernels() -> dict[str, bytes]:
-    """The grouped path's statistics kernels and the grouped quantizer with column sums, compiled for sm_90."""
-    from hf_lowbit.kernels import grouped
+    """The grouped path's statistics kernels, its quantizer with column sums and the epilogue pass with the mean row,
+    compiled for sm_90."""
+    from hf_lowbit.kernels import gemm, grouped
 
     stats = dict(ROWS_PER=256, BL=32, BK=128)
+    epilogue = dict(HAS_SCALE=True, HAS_VROW=False, HAS_R1=False, HAS_R2=False, WGRAD=False, HAS_RMASK=True,
+                    HAS_MEAN=True, ROUND_BF16=True, BM=32, BN=128)
     return {
         "group_col_absmax": compile_sm90(grouped._group_col_absmax_kernel, stats, dict(z_ptr="*bf16")),
         "group_col_stats": compile_sm90(grouped._group_col_stats_kernel, dict(stats, HAS_MASK=True),
                                         dict(z_ptr="*bf16")),
         "group_finalize": compile_sm90(grouped._group_finalize_kernel, dict(CENTER=True, IS_NV=True, BS=4, BK=256)),
         "quant_grouped_col_sum": compile_quant_kernel(GROUPED=True, COL_SUM=True),
+        "epilogue_mean_row": compile_sm90(gemm._epilogue_kernel, epilogue, dict(o_ptr="*bf16"), num_warps=4),
     }
 
 

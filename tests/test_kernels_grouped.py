@@ -334,6 +334,48 @@ def test_group_mean_quantized_matches_the_reference_per_slice(fmt):
         group_mean_quantized(x, fmt, "up")
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_mean_row_from_the_gemm_equals_the_separate_rank1_row(scaled):
+    """cuBLAS with the quantized mean as each group's last row of A: the output rows equal the Triton GEMM given the
+    rank-1 row from its own GEMV ((v·bᵀ)·(ts_v·sb)), up to FP32 summation order; the fixed-path functions agree;
+    inconsistent arguments are refused."""
+    from hf_lowbit.kernels import gemm
+
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(3, 33, 64, generator=gen).to(DEV, torch.bfloat16)  # 32 rows + the mean row
+    b = torch.randn(3, 48, 64, generator=gen).to(DEV, torch.bfloat16)
+    mask = (torch.rand(3, 32, generator=gen) > 0.2).float().to(DEV)
+    sa, sb, sv = ((torch.rand(3, generator=gen) + 0.5).to(DEV) for _ in range(3))
+    if not scaled:
+        sa = sb = sv = None
+    got = gemm.cublas_epilogue(a, b, torch.float32, sa, sb, row_mask=mask, fp32_product=True, mean_last_row=True,
+                               mean_scale=sv)
+    vrow = gemm.mean_row_vector(a[:, 32], b, sv, sb)
+    ref = gemm.scaled_gemm(a[:, :32], b, torch.float32, sa, sb, vrow, row_mask=mask)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    for impl in ("cublas32", "triton"):
+        out = gemm._grouped_fixed(impl)(a, b, torch.float32, sa, sb, row_mask=mask, mean_last_row=True,
+                                        mean_scale=sv)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="mean_last_row"):
+        gemm.cublas_epilogue(a, b, torch.float32, sa, sb, vrow=vrow, fp32_product=True, mean_last_row=True,
+                             mean_scale=sv)
+
+
+def test_grouped_quantizer_leaves_spare_rows_per_group():
+    """row_extra: each group's row-axis values land at its own rows of a [G·(L + extra), K] output (the spare rows
+    are the caller's), the same values as without spare rows; a negative count is refused by name."""
+    x, mask = _inputs(3, 32, 48, seed=13)
+    mu, ts = group_stats(x, mask, mask.sum(1), True, True)
+    ok = mask.reshape(-1) != 0
+    plain, _ = grouped_quantize_dq(x.reshape(96, 48), 32, ok, mu, ts, "nvfp4")
+    spaced, _ = grouped_quantize_dq(x.reshape(96, 48), 32, ok, mu, ts, "nvfp4", row_extra=16)
+    assert spaced.shape == (3 * 48, 48)
+    assert torch.equal(spaced.view(3, 48, 48)[:, :32], plain.view(3, 32, 48))
+    with pytest.raises(ValueError, match="row_extra=-1"):
+        grouped_quantize_dq(x.reshape(96, 48), 32, ok, mu, ts, "nvfp4", row_extra=-1)
+
+
 def test_grouped_auto_gemm_takes_the_faster_path_per_shape_class_once(monkeypatch):
     """HF_LOWBIT_GROUPED_GEMM=auto (default): on first use of a shape class every candidate (cuBLAS + the pass,
     the Triton GEMM at each tile config) is timed and the fastest is kept for that class; the result equals the

@@ -174,7 +174,8 @@ def test_sass_count_of_the_quantizer_compiles_for_hopper_without_a_gpu(tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["variants"]
     # the grouped path's other kernels compile for Hopper too (a GPU-only compile error shows here, on any machine)
-    assert {"group_col_absmax", "group_col_stats", "group_finalize", "quant_grouped_col_sum"} <= set(rows)
+    assert {"group_col_absmax", "group_col_stats", "group_finalize", "quant_grouped_col_sum",
+            "epilogue_mean_row"} <= set(rows)
     row = rows["mx"]
     assert row["consts"] == {"IS_NV": False, "B": 32}
     # 64×64 tile, 128 threads: 32 elements per thread and axis, each loaded, centred, maxed, scaled, rounded, stored
