@@ -25,7 +25,7 @@ from hf_lowbit.averis import hadamard_sign_bits, hadamard_signs, hadamard_tokens
 from hf_lowbit.config import Recipe
 from hf_lowbit.kernels._common import COMPILED, cdiv, env_ints, interpreting, max_nan
 from hf_lowbit.kernels.gemm import fp32_mm, gemm_fn
-from hf_lowbit.kernels.quantize import col_stats_update, group_mean_quantized, grouped_quantize_dq, seed31
+from hf_lowbit.kernels.quantize import group_mean_quantized, grouped_quantize_dq, seed31
 from hf_lowbit.kernels.token_axis import grouped_token_axis_quantize, split_col_kernel
 from hf_lowbit.numerics import get_format
 
@@ -51,16 +51,20 @@ def _group_col_stats_kernel(z_ptr, szg, szl, szk, ok_ptr, L, K, sum_ptr, max_ptr
             ok = rows < L
         ptrs = z_ptr + grp * szg + rows[:, None].to(tl.int64) * szl + cols[None, :] * szk
         if tl.min(ok.to(tl.int32), axis=0) > 0:
-            # every row of the step is real (all but a group's last step): three operations per element, NaN
-            # propagated through the max and min (made +inf / −inf below) instead of selected per element
+            # every row of the step is real (all but a group's last step): no per-element selects
             x = tl.load(ptrs, mask=cmask[None, :], other=0.0).to(tl.float32)
-            acc_s += x
-            acc_max = tl.maximum(acc_max, x, propagate_nan=tl.PropagateNan.ALL)
-            acc_min = tl.minimum(acc_min, x, propagate_nan=tl.PropagateNan.ALL)
+            x_hi = x
+            x_lo = x
         else:
             m = ok[:, None] & cmask[None, :]
             x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-            acc_s, acc_max, acc_min = col_stats_update(x, m, acc_s, acc_max, acc_min)
+            x_hi = tl.where(m, x, float("-inf"))
+            x_lo = tl.where(m, x, float("inf"))
+        # NaN propagated through the running max and min in both branches (made +inf / −inf below): a compiled
+        # max without propagation drops a NaN that an earlier step left in the accumulator
+        acc_s += x
+        acc_max = tl.maximum(acc_max, x_hi, propagate_nan=tl.PropagateNan.ALL)
+        acc_min = tl.minimum(acc_min, x_lo, propagate_nan=tl.PropagateNan.ALL)
     acc_max = tl.where(acc_max != acc_max, float("inf"), acc_max)
     acc_min = tl.where(acc_min != acc_min, float("-inf"), acc_min)
     out = (split * tl.num_programs(1) + grp) * K + cols
