@@ -15,10 +15,10 @@ Three launches for a 2-D tensor X [M, K]:
    With centring, the first row tile of each column block also quantizes μ (Q(μ) with its own tensor and block
    scales, `_quantize_mean_block`): no separate launch for the mean vector.
 
-Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean. v2 also has a division-free RTN path
-(``HF_LOWBIT_QDIV=fast``): ``r · RN(1/(s_b·s_t))`` plus an exact per-tile fallback to ``div_rn`` when any element
-lies within |q|·2^-20 of an E2M1 rounding boundary (`near_e2m1_boundary`; proof in benchmarks/NOTES.md), bit-exact
-too, but measured slower on H100, so the default is the per-element IEEE division. Row blocks are loaded as [BM, K/B, B/2, 2] (pairs split in registers for packing), column
+Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean. The NVFP4 quotient r / (s_b·s_t) is
+either the per-element IEEE division (``HF_LOWBIT_QDIV=ieee``) or the same FP32 value from the block's rounded
+reciprocal and four FMAs (``HF_LOWBIT_QDIV=fast``, `fma_quotient`, Markstein's correction: no per-element
+reciprocal, range check or slow-path branch). Row blocks are loaded as [BM, K/B, B/2, 2] (pairs split in registers for packing), column
 blocks as even/odd rows [BM/B, B/2, BK]; SR draws one Philox call per code pair.
 """
 
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_lowbit.kernels._common import (abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne, e8m0_from_amax,
-                                       e8m0_inv_scale, e8m0_scale, env_ints, env_setting, interpreting, next_pow2,
+from hf_lowbit.kernels._common import (COMPILED, abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne,
+                                       e8m0_from_amax, e8m0_inv_scale, e8m0_scale, env_ints, env_setting, interpreting, next_pow2,
                                        round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
@@ -170,24 +170,9 @@ def _nv_scales(amax_b, ts):
 
 
 @triton.jit
-def near_e2m1_boundary(q):
-    """True where |q| lies within |q|·2^-20 of an E2M1 RTN boundary (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5).
-
-    The boundaries are the odd integers of s = 4|q| (|q| < 2), 2|q| (|q| < 4), |q| (else); false positives (odd
-    integers above 8) only cost the exact fallback. NaN → False.
-    """
-    m = tl.abs(q)
-    s = tl.where(m < 2.0, m * 4.0, tl.where(m < 4.0, m * 2.0, m))
-    n = tl.floor(s + 0.5)
-    d = tl.abs(s - n)
-    odd = (n - 2.0 * tl.floor(n * 0.5)) != 0.0
-    return (d <= s * 9.5367431640625e-07) & odd
-
-
-@triton.jit
 def nv_inv_den(den):
-    """Per-block reciprocal of the NVFP4 divisor d = s_b·s_t (0 where d = 0) and a flag for blocks whose d lies
-    outside [2^-100, 2^100] (NaN included), where the reciprocal bound of the fast path is not proven."""
+    """Per-block reciprocal y = RN(1/d) of the NVFP4 divisor d = s_b·s_t (0 where d = 0) and a flag for blocks whose
+    d lies outside [2^-100, 2^100] (NaN included), where the FMA quotient's exactness is not proven."""
     ok = (den >= 7.888609052210118e-31) & (den <= 1.2676506002282294e30)
     y = tl.math.div_rn(tl.zeros_like(den) + 1.0, tl.where(ok, den, 1.0))
     y = tl.where(den == 0, 0.0, y)
@@ -196,20 +181,33 @@ def nv_inv_den(den):
 
 
 @triton.jit
+def fma_quotient(r, den, y):
+    """fl(r / den) from the block's correctly rounded reciprocal y = RN(1/den) with four FMAs and no per-element
+    division (den in [2^-100, 2^100], r finite): q0 = RN(r·y) is within 1.5 ulp of r/den; one correction
+    q1 = RN(q0 + (r − den·q0)·y) is faithful; Markstein's theorem (y within ½ ulp of 1/den, q1 within 1 ulp of r/den)
+    makes the remainder r − den·q1 exact in one FMA and RN(q1 + remainder·y) the correctly rounded quotient
+    (proof and checks: benchmarks/NOTES.md, ninth session; tests/test_kernels.py, exact rational arithmetic)."""
+    q0 = r * y
+    q1 = tl.fma(tl.fma(-den, q0, r), y, q0)
+    return tl.fma(tl.fma(-den, q1, r), y, q1)
+
+
+@triton.jit
 def _nv_scaled(r, den, y, bad, SR: tl.constexpr, FAST: tl.constexpr):
     """The scaled residual whose E2M1 rounding gives the reference's codes: fl(r / den) (0 where den = 0), with
     `den`, `y`, `bad` already broadcast against `r`.
 
-    FAST (RTN): q = r·y with y = RN(1/den) is within |q|·2^-22.9 of the exact quotient, so every rounding decision
-    taken on q equals the one taken on fl(r/den) unless q lies within |q|·2^-20 of a boundary (proof in
-    benchmarks/NOTES.md, v2); if any element of the tile does, the tile is redone with IEEE division. SR needs no
+    FAST (RTN, compiled): `fma_quotient`, the same FP32 value as the IEEE division in about half its instructions
+    (no per-element reciprocal, range check and slow-path branch); a tile with a block outside the proven divisor
+    range takes the IEEE division. The CPU interpreter's FMA is not fused, so there the division runs. SR needs no
     bit-exactness (its noise is not the reference's): always the multiply."""
-    if FAST or SR:
+    if SR:
         q = r * y
-        if not SR:
-            near = near_e2m1_boundary(q) | bad
-            if tl.max(near.to(tl.int32)) > 0:
-                q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
+    elif FAST and COMPILED:
+        if tl.max(bad.to(tl.int32)) > 0:
+            q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
+        else:
+            q = fma_quotient(r, den, y)
     else:
         q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
     return q
@@ -538,8 +536,7 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
 
 
 def _fast() -> bool:
-    """The division-free RTN path (exact, opt-in with HF_LOWBIT_QDIV=fast). Measured slower than the per-element
-    IEEE division on H100 (v2, NOTES.md: row 162 vs 149 µs, col 242 vs 174 µs), so the default stays IEEE."""
+    """The FMA quotient instead of the per-element IEEE division (the same values; HF_LOWBIT_QDIV=fast)."""
     return env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
 
 

@@ -23,10 +23,10 @@ import triton.language as tl  # noqa: E402
 
 from hf_lowbit.averis import averis_linear, packed_linear  # noqa: E402
 from hf_lowbit.config import Recipe  # noqa: E402
-from hf_lowbit.kernels._common import e4m3_rne, round_e2m1  # noqa: E402
+from hf_lowbit.kernels._common import COMPILED, e4m3_rne, round_e2m1  # noqa: E402
 from hf_lowbit.kernels.gemv import w4a16_linear  # noqa: E402
 from hf_lowbit.kernels.linear import TritonBackend, triton_linear_train  # noqa: E402
-from hf_lowbit.kernels.quantize import _nv_scaled, averis_quantize, near_e2m1_boundary, nv_inv_den  # noqa: E402
+from hf_lowbit.kernels.quantize import _nv_scaled, averis_quantize, fma_quotient, nv_inv_den  # noqa: E402
 from hf_lowbit.numerics import dequantize, fake_quantize, quantize, round_to_e2m1  # noqa: E402
 
 SHAPES = [(64, 64), (37, 50), (16, 100)] + ([(1000, 1536)] if DEV == "cuda" else [])
@@ -71,45 +71,93 @@ def test_e4m3_rounding_matches_torch_cast_including_ties():
 
 
 @triton.jit
-def _div_probe(r_ptr, d_ptr, fast_ptr, near_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _div_probe(r_ptr, d_ptr, quot_ptr, code_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     r = tl.load(r_ptr + offs, mask=m, other=0.0)
     den = tl.load(d_ptr + offs, mask=m, other=1.0)
     y, bad = nv_inv_den(den)
-    q = r * y
-    tl.store(fast_ptr + offs, round_e2m1(q, False, 0.0).to(tl.uint8), mask=m)
-    tl.store(near_ptr + offs, (near_e2m1_boundary(q) | bad).to(tl.uint8), mask=m)
-    tl.store(out_ptr + offs, round_e2m1(_nv_scaled(r, den, y, bad, False, True), False, 0.0).to(tl.uint8), mask=m)
+    if COMPILED:  # the interpreter's FMA is not fused: the quotient is only checked compiled
+        tl.store(quot_ptr + offs, fma_quotient(r, den, y), mask=m)
+    tl.store(code_ptr + offs, round_e2m1(_nv_scaled(r, den, y, bad, False, True), False, 0.0).to(tl.uint8), mask=m)
 
 
-def test_division_free_rtn_is_exact_at_boundaries():
-    """r·RN(1/d) decides like fl(r/d) wherever it is not flagged near a boundary; flagged tiles use div_rn."""
-    g = _gen(21)
-    n = 4096
-    # divisors as the quantizer forms them: E4M3 block scale × FP32 tensor scale
+def _quotient_cases(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, d) pairs as the quantizer forms them (d = E4M3 block scale × FP32 tensor scale, rounded): quotients within
+    a few ulps of every E2M1 boundary, on the rounded boundary products and their neighbours, anywhere in [0, 7),
+    tiny and huge divisors, zeros, one divisor outside the proven range and a NaN."""
+    g = _gen(seed)
     sb = (torch.rand(n, generator=g) * 448).to(torch.float8_e4m3fn).float().clamp(min=2.0 ** -9)
-    ts = torch.rand(n, generator=g) * 10.0 ** torch.randint(-8, 4, (n,), generator=g).float()
+    ts = torch.rand(n, generator=g) * 10.0 ** torch.randint(-28, 28, (n,), generator=g).float()
     den = sb * ts
-    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    t = mids[torch.randint(0, 7, (n,), generator=g)]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0])
+    t = mids[torch.randint(0, len(mids), (n,), generator=g)]
     k = torch.randint(-40, 41, (n,), generator=g).float()
     r = (t.double() * den.double() * (1 + k.double() * 2.0 ** -24)).float()  # within a few ulps of a boundary
     r2 = (torch.rand(n, generator=g) * 7) * den                              # anywhere
-    r3 = (t * den)                                                            # on (rounded) boundary products
-    rr = torch.cat([r, -r2, r3, torch.nextafter(r3, torch.full_like(r3, 1e30)), torch.zeros(2)])
-    dd = torch.cat([den, den, den, den, torch.tensor([0.0, 1e-38])])
-    rr[-1] = 3e-38  # a divisor outside the proven range → flagged
-    ref = round_to_e2m1(torch.where(dd == 0, 0.0, rr / torch.where(dd == 0, 1.0, dd)))
-    rr_d, dd_d = rr.to(DEV), dd.to(DEV)
-    fast = torch.empty(rr.shape, dtype=torch.uint8, device=DEV)
-    near = torch.empty_like(fast)
-    out = torch.empty_like(fast)
-    _div_probe[(triton.cdiv(rr.numel(), 1024),)](rr_d, dd_d, fast, near, out, rr.numel(), BLOCK=1024)
-    fast, near, out = fast.cpu(), near.cpu().bool(), out.cpu()
-    assert torch.equal(fast[~near], ref[~near])
-    assert torch.equal(out, ref)
-    assert near.any() and (~near).sum() > n // 2  # the test exercises both paths
+    r3 = t * den                                                              # on (rounded) boundary products
+    rr = torch.cat([r, -r2, r3, torch.nextafter(r3, torch.full_like(r3, 1e30)), torch.zeros(4)])
+    dd = torch.cat([den, den, den, den, torch.tensor([0.0, 1e-38, 2.0, float("nan")])])
+    rr[-3] = 3e-38  # a divisor outside the proven range → the tile takes the IEEE division
+    rr[-2] = -1e-45
+    return rr, dd
+
+
+def test_fma_quotient_equals_the_ieee_division():
+    """fl(r/d) from RN(1/d) and four FMAs equals the IEEE quotient bit for bit (compiled), and the E2M1 codes of the
+    FAST path equal the reference's on boundary-heavy inputs (both devices; the interpreter divides)."""
+    rr, dd = _quotient_cases(4096, 21)
+    with torch.no_grad():
+        q_ref = torch.where(dd == 0, 0.0, rr / torch.where(dd == 0, 1.0, dd))
+    ref = round_to_e2m1(q_ref)
+    quot = torch.zeros(rr.shape, device=DEV)
+    code = torch.empty(rr.shape, dtype=torch.uint8, device=DEV)
+    _div_probe[(triton.cdiv(rr.numel(), 1024),)](rr.to(DEV), dd.to(DEV), quot, code, rr.numel(), BLOCK=1024)
+    assert torch.equal(code.cpu(), ref)
+    if not INTERPRET:
+        ok = (dd >= 2.0 ** -100) & (dd <= 2.0 ** 100)  # the proven range (the tile falls back outside it)
+        exact = (rr.to(DEV) / dd.to(DEV))[ok.to(DEV)]  # CUDA's FP32 division is IEEE round-to-nearest
+        assert torch.equal(quot[ok.to(DEV)].view(torch.int32), exact.view(torch.int32))
+
+
+def _rn32(x: "Fraction") -> "Fraction":
+    """The FP32 value nearest the rational x (ties to even), subnormals included, exactly (no double rounding)."""
+    from fractions import Fraction
+
+    if x == 0:
+        return Fraction(0)
+    sign, a = (-1 if x < 0 else 1), abs(x)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** e > a:
+        e -= 1
+    quantum = Fraction(2) ** (max(e, -126) - 23)  # ulp of the binade (the subnormal ulp below 2^-126)
+    m, rem = divmod(a / quantum, 1)
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and m % 2 == 1):
+        m += 1
+    return sign * m * quantum
+
+
+def test_fma_quotient_sequence_is_correctly_rounded_in_exact_arithmetic():
+    """The four-FMA sequence of `fma_quotient` with each FMA rounded once (exact rational arithmetic, no GPU): it
+    gives RN(r/d) for every case, adversarial boundary quotients included, with d in the proven range."""
+    import numpy as np
+    from fractions import Fraction
+
+    rr, dd = _quotient_cases(512, 5)
+    ok = (dd >= 2.0 ** -100) & (dd <= 2.0 ** 100) & (dd == dd)
+    rr, dd = rr[ok].tolist(), dd[ok].tolist()
+    lcg = np.random.default_rng(7)  # plus random FP32 bit patterns of both operands (normal range)
+    bits = lcg.integers(0x0D800000, 0x72800000, size=(600, 2), dtype=np.int64).astype(np.int32)
+    f = bits.view(np.float32).astype(np.float64)
+    rr += (f[:, 0] * np.where(lcg.random(600) < 0.5, -1, 1)).tolist()
+    dd += f[:, 1].tolist()
+    for r, d in zip(rr, dd):
+        R, D = Fraction(r), Fraction(d)
+        y = _rn32(1 / D)
+        q0 = _rn32(R * y)
+        q1 = _rn32(q0 + _rn32(R - D * q0) * y)
+        q = _rn32(q1 + _rn32(R - D * q1) * y)
+        assert q == _rn32(R / D), (r, d)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4"])
