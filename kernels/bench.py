@@ -72,11 +72,11 @@ def run_sweep(add, m: int = 8192, copy_tbs: float = 1.0) -> None:
     for label, kw, nbytes in modes:
         for cfg in cfgs[label]:
             _setenv("HF_LOWBIT_QCFG", cfg)
-            for div in (("fast", "ieee") if cfg == cfgs[label][0] else ("fast",)):
+            for div in (("fma", "ieee") if cfg == cfgs[label][0] else ("fma",)):
                 _setenv("HF_LOWBIT_QDIV", div)
                 ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="rtn", **kw))
                 add("sweep", f"quantize nvfp4 rtn {label} cfg={cfg} div={div}", ms, tbs=nbytes / ms / 1e9)
-        _setenv("HF_LOWBIT_QDIV", "fast")
+        _setenv("HF_LOWBIT_QDIV", "fma")
         _setenv("HF_LOWBIT_QCFG", cfgs[label][0])
         ms = _bench(lambda: averis_quantize(x, "nvfp4", center=True, rounding="sr", seed=1, **kw))
         add("sweep", f"quantize nvfp4 sr {label} cfg={cfgs[label][0]}", ms, tbs=nbytes / ms / 1e9)
@@ -458,7 +458,7 @@ def run_final(out: str | None = None, m: int = 8192) -> dict:
              lambda: averis_quantize(x, "nvfp4", center=True, **kw), nbytes)
         for cfg in cfgs:
             _setenv("HF_LOWBIT_QCFG", cfg)
-            for div in (("fast", "ieee") if cfg == cfgs[0] else ("fast",)):
+            for div in (("fma", "ieee") if cfg == cfgs[0] else ("fma",)):
                 _setenv("HF_LOWBIT_QDIV", div)
                 ms = _bench_graph(lambda: averis_quantize(x, "nvfp4", center=True, **kw))
                 add("P1", f"  {label} cfg={cfg} div={div} [graph]", ms, tbs=nbytes / ms / 1e9)

@@ -15,11 +15,11 @@ Three launches for a 2-D tensor X [M, K]:
    With centring, the first row tile of each column block also quantizes μ (Q(μ) with its own tensor and block
    scales, `_quantize_mean_block`): no separate launch for the mean vector.
 
-Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean. The NVFP4 quotient r / (s_b·s_t) is
-either the per-element IEEE division (``HF_LOWBIT_QDIV=ieee``) or the same FP32 value from the block's rounded
-reciprocal and four FMAs (``HF_LOWBIT_QDIV=fast``, `fma_quotient`, Markstein's correction: no per-element
-reciprocal, range check or slow-path branch). Row blocks are loaded as [BM, K/B, B/2, 2] (pairs split in registers for packing), column
-blocks as even/odd rows [BM/B, B/2, BK]; SR draws one Philox call per code pair.
+Numerics are `hf_lowbit.numerics` bit for bit (RTN) given the same mean. The NVFP4 quotient r / (s_b·s_t) comes
+from the block's rounded reciprocal and four FMAs (default, ``HF_LOWBIT_QDIV=fma``, `fma_quotient`: Markstein's
+correction, the IEEE value without a per-element reciprocal, range check or slow-path branch) or from the
+per-element IEEE division (``HF_LOWBIT_QDIV=ieee``). Row blocks are loaded as [BM, K/B, B/2, 2] (pairs split in
+registers for packing), column blocks as even/odd rows [BM/B, B/2, BK]; SR draws one Philox call per code pair.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import (COMPILED, abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne,
-                                       e8m0_from_amax, e8m0_inv_scale, e8m0_scale, env_ints, env_setting, interpreting, next_pow2,
+                                       e8m0_from_amax, e8m0_inv_scale, e8m0_scale, env_choice, env_ints, env_setting, interpreting, next_pow2,
                                        round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
@@ -535,9 +535,15 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
     return 64, 64, 4
 
 
+#: HF_LOWBIT_QDIV: how the NVFP4 RTN quotient is formed, default first. Both give the IEEE quotient bit for bit; "fma"
+#: (block reciprocal + four FMAs) took P8 (MoE experts fwd+bwd, H200) from 11.44 to 11.10 ms (NOTES, sixth session)
+QDIV_MODES = ("fma", "ieee")
+
+
 def _fast() -> bool:
-    """The FMA quotient instead of the per-element IEEE division (the same values; HF_LOWBIT_QDIV=fast)."""
-    return env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
+    """The FMA quotient (`fma_quotient`) instead of the per-element IEEE division: the same values, fewer
+    instructions (HF_LOWBIT_QDIV, see QDIV_MODES)."""
+    return env_choice("HF_LOWBIT_QDIV", QDIV_MODES) == "fma"
 
 
 class _StatsPlan(NamedTuple):
@@ -617,7 +623,7 @@ _QUANT_PLANS: dict[tuple, _QuantPlan] = {}
 def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, col: bool, row_packed: bool,
                 row_dq: bool, col_packed: bool, col_dq: bool, col_sum: bool, mx_scale: str) -> _QuantPlan:
     key = (M, K, format, center, sr, row, col, row_packed, row_dq, col_packed, col_dq, col_sum, mx_scale,
-           env_setting("HF_LOWBIT_QCFG"), env_setting("HF_LOWBIT_QDIV", "ieee"))
+           env_setting("HF_LOWBIT_QCFG"), _fast())
     plan = _QUANT_PLANS.get(key)
     if plan is not None:
         return plan

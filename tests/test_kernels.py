@@ -161,9 +161,10 @@ def test_fma_quotient_sequence_is_correctly_rounded_in_exact_arithmetic():
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4"])
-@pytest.mark.parametrize("qdiv", ["ieee", "fast"])
+@pytest.mark.parametrize("qdiv", ["ieee", "fma"])
 def test_rtn_bit_exact_tie_heavy(fmt, qdiv, monkeypatch):
-    """Inputs on a coarse grid put many quotients exactly on rounding boundaries (the fast path's fallback)."""
+    """Inputs on a coarse grid put many quotients exactly on rounding boundaries (where a quotient off by one ulp
+    would change the code)."""
     monkeypatch.setenv("HF_LOWBIT_QDIV", qdiv)
     g = _gen(33)
     x = (torch.randint(-48, 49, (64, 96), generator=g).float() / 8).to(DEV)
@@ -178,9 +179,9 @@ def test_rtn_bit_exact_tie_heavy(fmt, qdiv, monkeypatch):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("center", [True, False])
-@pytest.mark.parametrize("qdiv", ["ieee", "fast"])
+@pytest.mark.parametrize("qdiv", ["ieee", "fma"])
 def test_rtn_bit_exact_both_axes(fmt, shape, center, qdiv, monkeypatch):
-    if qdiv == "fast" and fmt == "mxfp4":
+    if qdiv == "fma" and fmt == "mxfp4":
         pytest.skip("MXFP4 scales are powers of two: no division either way")
     monkeypatch.setenv("HF_LOWBIT_QDIV", qdiv)
     m, k = shape
@@ -310,6 +311,14 @@ def test_streaming_gemv_equals_the_fma_kernel_and_propagates_nan(fmt, monkeypatc
     assert ((outs[0] - outs[1]).norm() / outs[1].norm()) < 1e-6
     x[0, k // 2] = float("nan")
     assert w4a16_linear(x, p, bias).isnan().all()
+
+
+def test_unknown_quotient_switch_is_refused(monkeypatch):
+    """HF_LOWBIT_QDIV takes "fma" or "ieee"; the old "fast" (a boundary-check path, removed) is refused by name."""
+    x = _act(32, 64, seed=3)
+    with kernel_switch(monkeypatch, "HF_LOWBIT_QDIV", "fast"), \
+            pytest.raises(ValueError, match="HF_LOWBIT_QDIV='fast'.*allowed.*fma.*ieee"):
+        averis_quantize(x, "nvfp4", row=True, col=False)
 
 
 def test_unknown_gemv_switch_is_refused(monkeypatch):
@@ -513,14 +522,14 @@ def test_kernel_switches_are_read_once_until_reloaded(monkeypatch):
     step); a change is seen after `reload_env_settings()`, and defaults apply to unset switches."""
     from hf_lowbit.kernels._common import env_setting, reload_env_settings
 
-    monkeypatch.setenv("HF_LOWBIT_QDIV", "fast")
-    reload_env_settings()
-    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"
     monkeypatch.setenv("HF_LOWBIT_QDIV", "ieee")
-    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "fast"  # cached
+    reload_env_settings()
+    assert env_setting("HF_LOWBIT_QDIV", "fma") == "ieee"
+    monkeypatch.setenv("HF_LOWBIT_QDIV", "fma")
+    assert env_setting("HF_LOWBIT_QDIV", "fma") == "ieee"  # cached
     monkeypatch.delenv("HF_LOWBIT_QDIV")
     reload_env_settings()
-    assert env_setting("HF_LOWBIT_QDIV", "ieee") == "ieee" and env_setting("HF_LOWBIT_QDIV") is None
+    assert env_setting("HF_LOWBIT_QDIV", "fma") == "fma" and env_setting("HF_LOWBIT_QDIV") is None
 
 
 def test_public_reload_reaches_the_kernel_settings(monkeypatch):
