@@ -143,13 +143,6 @@ _BATCHED_CONFIG = triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, 
 _GROUPED_EXTRA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 32, "GROUP_M": 8}, num_stages=5, num_warps=8),
     triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
-    # shallower pipelines (48-96 KB of shared memory: 2-4 programs per SM instead of 1): the wgrad GEMMs reduce over
-    # one expert's capacity (~9 steps of 64), so a lone program per SM leaves its pipeline fill and its epilogue
-    # unoverlapped; co-resident programs overlap them
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=2, num_warps=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_stages=2, num_warps=8),
 ]
 
 #: best config per (M bucket, N, K, operand layouts, epilogue flags): measured once, then launched directly
