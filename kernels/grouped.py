@@ -143,7 +143,8 @@ def masked_col_stats(z: torch.Tensor, mask: torch.Tensor | None, center: bool = 
     extrema are written, as ±max |z| (the sums are not needed)."""
     g, length, k = z.shape
     weights = mask is None and not center
-    bl, bk, warps = (32, 64, 4) if interpreting() else stats_config(weights)
+    # interpreter: two row steps per split (a step after another, as on the GPU's 256-row splits of 8-32-row steps)
+    bl, bk, warps = (16, 64, 4) if interpreting() else stats_config(weights)
     rows_per = 32 if interpreting() else 256
     splits = cdiv(length, rows_per)
     part = torch.empty(3, splits, g, k, device=z.device, dtype=torch.float32)

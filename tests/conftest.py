@@ -37,6 +37,24 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
+def _interpreter_max_drops_nan_as_on_gpu() -> None:
+    """Under TRITON_INTERPRET=1, `tl.maximum` / `tl.minimum` without `propagate_nan` run NumPy's maximum / minimum,
+    which propagate NaN, while the compiled code (PTX max.f32 / min.f32) returns the non-NaN operand. A kernel that
+    loses a NaN on the GPU then passes on the CPU (the grouped statistics did, 2026-11-30). The CPU suite runs them
+    with the GPU's semantics (np.fmax / np.fmin)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+    builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    with contextlib.suppress(ImportError):
+        _interpreter_max_drops_nan_as_on_gpu()
+
+
 @pytest.fixture(autouse=True)
 def fresh_kernel_settings():
     """The kernels read their HF_LOWBIT_* switches once (`env_setting`); every test starts from the environment as
