@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from hf_lowbit.kernels._common import (COMPILED, abs_max, cdiv, dummy_tensors, e2m1_rounded, e2m1_value, e4m3_rne,
-                                       e8m0_from_amax, e8m0_inv_scale, e8m0_scale, env_choice, env_ints, env_setting, interpreting, next_pow2,
-                                       round_e2m1)
+                                       e8m0_from_amax, e8m0_inv_scale, e8m0_scale, env_choice, env_ints, env_setting,
+                                       interpreting, next_pow2, round_e2m1)
 from hf_lowbit.numerics import PackedTensor, get_format
 
 __all__ = ["AverisQuant", "averis_quantize", "group_mean_quantized", "grouped_quantize_dq", "quantize_2d", "seed31"]
@@ -193,17 +193,17 @@ def fma_quotient(r, den, y):
 
 
 @triton.jit
-def _nv_scaled(r, den, y, bad, SR: tl.constexpr, FAST: tl.constexpr):
+def _nv_scaled(r, den, y, bad, SR: tl.constexpr, FMA_QUOT: tl.constexpr):
     """The scaled residual whose E2M1 rounding gives the reference's codes: fl(r / den) (0 where den = 0), with
     `den`, `y`, `bad` already broadcast against `r`.
 
-    FAST (RTN, compiled): `fma_quotient`, the same FP32 value as the IEEE division in about half its instructions
+    FMA_QUOT (RTN, compiled): `fma_quotient`, the same FP32 value as the IEEE division in half its instructions
     (no per-element reciprocal, range check and slow-path branch); a tile with a block outside the proven divisor
     range takes the IEEE division. The CPU interpreter's FMA is not fused, so there the division runs. SR needs no
     bit-exactness (its noise is not the reference's): always the multiply."""
     if SR:
         q = r * y
-    elif FAST and COMPILED:
+    elif FMA_QUOT and COMPILED:
         if tl.max(bad.to(tl.int32)) > 0:
             q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
         else:
@@ -232,7 +232,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
                   rc_ptr, rs_ptr, rdq_ptr, cc_ptr, cs_ptr, cdq_ptr, csum_ptr,
                   seed_row, seed_col, N_MT, ts_out_ptr, GL, ROW_EXTRA, tsg_ptr, rowok_ptr, meanq_ptr, seed_mean,
                   BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, IS_NV: tl.constexpr,
-                  CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FAST: tl.constexpr,
+                  CENTER: tl.constexpr, SR: tl.constexpr, MX_CEIL: tl.constexpr, FMA_QUOT: tl.constexpr,
                   ROW: tl.constexpr, ROW_PACK: tl.constexpr, ROW_DQ: tl.constexpr,
                   COL: tl.constexpr, COL_PACK: tl.constexpr, COL_DQ: tl.constexpr, COL_SUM: tl.constexpr,
                   GROUPED: tl.constexpr, MEAN_Q: tl.constexpr):
@@ -296,7 +296,7 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             else:
                 tsr = ts
             sbf, sbyte, den, y, bad = _nv_scales(amax_b, tsr)
-            q = _nv_scaled(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, FAST)
+            q = _nv_scaled(r, den[:, :, None, None], y[:, :, None, None], bad[:, :, None, None], SR, FMA_QUOT)
         else:
             sbyte = e8m0_from_amax(amax_b, MX_CEIL)
             sbf = e8m0_scale(sbyte)
@@ -364,8 +364,8 @@ def _quant_kernel(x_ptr, sxm, sxk, M, K, MP, KP, mean_ptr, amax_ptr,
             d3 = den_c[:, None, :]
             y3 = y_c[:, None, :]
             b3 = bad_c[:, None, :]
-            qe = _nv_scaled(re, d3, y3, b3, SR, FAST)
-            qo = _nv_scaled(ro, d3, y3, b3, SR, FAST)
+            qe = _nv_scaled(re, d3, y3, b3, SR, FMA_QUOT)
+            qo = _nv_scaled(ro, d3, y3, b3, SR, FMA_QUOT)
         else:
             sbyte_c = e8m0_from_amax(amax_c, MX_CEIL)
             sbf_c = e8m0_scale(sbyte_c)
@@ -540,7 +540,7 @@ def _cfg(M: int, K: int, B: int, row: bool, col: bool) -> tuple[int, int, int]:
 QDIV_MODES = ("fma", "ieee")
 
 
-def _fast() -> bool:
+def _fma_quotient_on() -> bool:
     """The FMA quotient (`fma_quotient`) instead of the per-element IEEE division: the same values, fewer
     instructions (HF_LOWBIT_QDIV, see QDIV_MODES)."""
     return env_choice("HF_LOWBIT_QDIV", QDIV_MODES) == "fma"
@@ -623,7 +623,7 @@ _QUANT_PLANS: dict[tuple, _QuantPlan] = {}
 def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, col: bool, row_packed: bool,
                 row_dq: bool, col_packed: bool, col_dq: bool, col_sum: bool, mx_scale: str) -> _QuantPlan:
     key = (M, K, format, center, sr, row, col, row_packed, row_dq, col_packed, col_dq, col_sum, mx_scale,
-           env_setting("HF_LOWBIT_QCFG"), _fast())
+           env_setting("HF_LOWBIT_QCFG"), _fma_quotient_on())
     plan = _QUANT_PLANS.get(key)
     if plan is not None:
         return plan
@@ -634,8 +634,8 @@ def _quant_plan(M: int, K: int, format: str, center: bool, sr: bool, row: bool, 
     KP = cdiv(K, B) * B
     BM, BK, nw = _cfg(M, K, B, row, col)
     n_mt = cdiv(MP, BM)
-    consts = dict(BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil", FAST=_fast(),
-                  ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
+    consts = dict(BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=center, SR=sr, MX_CEIL=mx_scale == "ceil",
+                  FMA_QUOT=_fma_quotient_on(), ROW=row, ROW_PACK=row and row_packed, ROW_DQ=row and row_dq,
                   COL=col, COL_PACK=col and col_packed, COL_DQ=col and col_dq, COL_SUM=col and col_sum,
                   GROUPED=False, MEAN_Q=center, num_warps=nw)
     plan = _QUANT_PLANS[key] = _QuantPlan(fmt.name, B, is_nv, MP, KP, n_mt, (n_mt, cdiv(KP, BK)), consts)
@@ -762,7 +762,7 @@ def grouped_quantize_dq(x: torch.Tensor, group_rows: int, rowok: torch.Tensor, m
         n_mt, dummy_f,
         group_rows, row_extra, ts, _as_bytes(rowok), dummy_f, 0,
         BM=BM, BK=BK, B=B, IS_NV=is_nv, CENTER=True, SR=rounding == "sr", MX_CEIL=mx_scale == "ceil",
-        FAST=_fast(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col,
+        FMA_QUOT=_fma_quotient_on(), ROW=row, ROW_PACK=False, ROW_DQ=row, COL=col, COL_PACK=False, COL_DQ=col,
         COL_SUM=csum is not None, GROUPED=True, MEAN_Q=False, num_warps=nw)
     if col_sum:
         return rdq, cdq, None if csum is None else csum.view(M // group_rows, group_rows // B, K).sum(1)

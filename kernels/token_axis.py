@@ -31,7 +31,7 @@ import triton.language as tl
 from hf_lowbit.averis import HADAMARD_BLOCK
 from hf_lowbit.kernels._common import (abs_max, cdiv, dummy_tensors, e2m1_rounded, e8m0_from_amax, e8m0_inv_scale,
                                        e8m0_scale, env_choice, interpreting)
-from hf_lowbit.kernels.quantize import _fast, _nv_scaled, _nv_scales, _nv_tensor_scale, check_rounding_args
+from hf_lowbit.kernels.quantize import _fma_quotient_on, _nv_scaled, _nv_scales, _nv_tensor_scale, check_rounding_args
 from hf_lowbit.numerics import NVFP4_TENSOR_SCALE_DIVISOR, divide_exactly, get_format
 
 __all__ = ["TokenAxisOperand", "grouped_token_axis_quantize", "hadamard_col_quantize", "split_col_kernel",
@@ -109,7 +109,7 @@ def _token_axis_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, rowok_ptr, GL,
                              csum_ptr, seed, ts_out_ptr, BM: tl.constexpr, BK: tl.constexpr, B: tl.constexpr,
                              IS_NV: tl.constexpr, CENTER: tl.constexpr, GROUPED: tl.constexpr,
                              ROTATE: tl.constexpr, TS_GIVEN: tl.constexpr, SR: tl.constexpr,
-                             MX_CEIL: tl.constexpr, FAST: tl.constexpr, COL_SUM: tl.constexpr):
+                             MX_CEIL: tl.constexpr, FMA_QUOT: tl.constexpr, COL_SUM: tl.constexpr):
     """Blocks of B tokens of (T·)R → BF16 code × block scale [MP, K] (+ per-tile column sums). NVFP4 tensor scale:
     GROUPED ts_ptr[group]; TS_GIVEN ts_ptr[0]; else from the amax bits at amax_ptr (stored to ts_out_ptr)."""
     t, rows, cols = _centred_tile(x_ptr, sxm, sxk, M, K, mean_ptr, rowok_ptr, GL, bits, CENTER, GROUPED, ROTATE,
@@ -132,7 +132,7 @@ def _token_axis_quant_kernel(x_ptr, sxm, sxk, M, K, MP, mean_ptr, rowok_ptr, GL,
             if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(ts_out_ptr, ts)
         sbf, sbyte, den, y, bad = _nv_scales(amax_b, ts)
-        q = _nv_scaled(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, FAST)
+        q = _nv_scaled(tq, den[:, None, :], y[:, None, :], bad[:, None, :], SR, FMA_QUOT)
     else:
         sbyte = e8m0_from_amax(amax_b, MX_CEIL)
         sbf = e8m0_scale(sbyte)
@@ -201,7 +201,7 @@ def _launch(x: torch.Tensor, rows_out: int, mean: torch.Tensor | None, rowok: to
     _token_axis_quant_kernel[grid](
         *args, rows_out, *common, amax, ts if ts is not None else dummy_f, dq, csum, seed, ts_out, BM=BM, BK=BK, B=B,
         IS_NV=is_nv, CENTER=mean is not None, GROUPED=grouped, ROTATE=rotate, TS_GIVEN=ts_given,
-        SR=rounding == "sr", MX_CEIL=mx_scale == "ceil", FAST=_fast(), COL_SUM=col_sum, num_warps=nw)
+        SR=rounding == "sr", MX_CEIL=mx_scale == "ceil", FMA_QUOT=_fma_quotient_on(), COL_SUM=col_sum, num_warps=nw)
     if not is_nv:
         ts = None
     elif rotate and not grouped:

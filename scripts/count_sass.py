@@ -34,7 +34,9 @@ from triton.compiler import ASTSource
 from hf_lowbit.cli import require_new_path
 
 #: the linear's activation operand: both axes dequantized to BF16, column sums, centred, RTN, 64×64 tiles
-BASE = dict(BM=64, BK=64, B=16, IS_NV=True, CENTER=True, SR=False, MX_CEIL=False, FAST=False, ROW=True,
+# FMA_QUOT=False: the IEEE division (the FMA quotient's variant also holds the tile's IEEE fallback, which the count
+# cannot tell from the executed path; compare it with the fallback stubbed out)
+BASE = dict(BM=64, BK=64, B=16, IS_NV=True, CENTER=True, SR=False, MX_CEIL=False, FMA_QUOT=False, ROW=True,
             ROW_PACK=False, ROW_DQ=True, COL=True, COL_PACK=False, COL_DQ=True, COL_SUM=True, GROUPED=False,
             MEAN_Q=False)
 DEFAULT_VARIANTS = {

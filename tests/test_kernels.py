@@ -105,7 +105,7 @@ def _quotient_cases(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_fma_quotient_equals_the_ieee_division():
     """fl(r/d) from RN(1/d) and four FMAs equals the IEEE quotient bit for bit (compiled), and the E2M1 codes of the
-    FAST path equal the reference's on boundary-heavy inputs (both devices; the interpreter divides)."""
+    FMA_QUOT path equal the reference's on boundary-heavy inputs (both devices; the interpreter divides)."""
     rr, dd = _quotient_cases(4096, 21)
     with torch.no_grad():
         q_ref = torch.where(dd == 0, 0.0, rr / torch.where(dd == 0, 1.0, dd))
