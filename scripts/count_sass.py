@@ -109,16 +109,22 @@ def other_kernels() -> dict[str, bytes]:
     the Triton GEMM in the wgrad layout, compiled for sm_90."""
     from hf_lowbit.kernels import gemm, grouped
 
-    stats = dict(ROWS_PER=256, BL=32, BK=128)
+    # the specializations of a P8 launch: unit column stride, 16-divisible pointers, sizes and row strides (they
+    # decide the load widths: without them the statistics compile to 2-byte loads)
+    stats_div16 = {"z_ptr", "ok_ptr", "sum_ptr", "max_ptr", "min_ptr", "szg", "szl", "L", "K"}
+    weights, masked = dict(ROWS_PER=256, BL=32, BK=128, szk=1), dict(ROWS_PER=256, BL=8, BK=128, szk=1)
     epilogue = dict(HAS_SCALE=True, HAS_VROW=False, HAS_R1=False, HAS_R2=False, WGRAD=False, HAS_RMASK=True,
                     HAS_MEAN=True, ROUND_BF16=True, BM=32, BN=128)
+    epilogue_div16 = {n for n in gemm._epilogue_kernel.arg_names if n.endswith("_ptr")} | {"N", "scg", "sog"}
     return {
-        "group_col_absmax": compile_sm90(grouped._group_col_absmax_kernel, stats, dict(z_ptr="*bf16")),
-        "group_col_stats": compile_sm90(grouped._group_col_stats_kernel, dict(stats, HAS_MASK=True),
-                                        dict(z_ptr="*bf16")),
+        "group_col_absmax": compile_sm90(grouped._group_col_absmax_kernel, weights, dict(z_ptr="*bf16"),
+                                         div16=stats_div16),
+        "group_col_stats": compile_sm90(grouped._group_col_stats_kernel, dict(masked, HAS_MASK=True),
+                                        dict(z_ptr="*bf16"), div16=stats_div16),
         "group_finalize": compile_sm90(grouped._group_finalize_kernel, dict(CENTER=True, IS_NV=True, BS=4, BK=256)),
         "quant_grouped_col_sum": compile_quant_kernel(GROUPED=True, COL_SUM=True),
-        "epilogue_mean_row": compile_sm90(gemm._epilogue_kernel, epilogue, dict(o_ptr="*bf16"), num_warps=4),
+        "epilogue_mean_row": compile_sm90(gemm._epilogue_kernel, epilogue, dict(o_ptr="*bf16"), num_warps=4,
+                                          div16=epilogue_div16),
         "gemm_wgrad_layout": gemm_wgrad_layout(),
     }
 
