@@ -82,7 +82,7 @@ def _finish_tile(acc, offs_m, M, rmask_ptr, HAS_RMASK: tl.constexpr, ROUND_BF16:
 @triton.jit(do_not_specialize=["M", "NUM_K"])
 def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
                  sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr, sag, sbg, scg, n_tok, NUM_K,
-                 EVEN_K: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
+                 EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VROW: tl.constexpr,
                  HAS_R1: tl.constexpr, HAS_R2: tl.constexpr, WGRAD: tl.constexpr, HAS_RMASK: tl.constexpr,
                  ROUND_BF16: tl.constexpr,
                  DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -96,12 +96,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbn, sbk, scm, scn,
     sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr = _group_vectors(
         grp, M, N, sa_ptr, sb_ptr, vrow_ptr, u1_ptr, v1_ptr, u2_ptr, v2_ptr, rmask_ptr)
     offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
-    # the wrap-around keeps a ragged last tile's loads in bounds; when BM divides M (BN divides N) it is the identity,
-    # and leaving it out keeps the offsets' contiguity visible to the compiler: an operand whose unit stride is along
-    # M (the wgrad's dYᵀ) is then loaded 16 bytes at a time (cp.async) instead of one BF16 per load (M is not
-    # specialized, so `offs_m % M` hides it)
-    am = offs_m if EVEN_M else offs_m % M
-    bn = offs_n if EVEN_N else offs_n % N
+    am = offs_m % M
+    bn = offs_n % N
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + am[:, None].to(tl.int64) * sam + offs_k[None, :].to(tl.int64) * sak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * sbk + bn[None, :].to(tl.int64) * sbn
@@ -185,7 +181,6 @@ def _launch_config(args: tuple, M: int, N: int, K: int, G: int, common: dict, cf
     # the interpreter of Triton 3.6 turns a runtime int into a 1-element array that `range` cannot take with
     # numpy >= 2.4; a constexpr-wrapped value passes through as a plain int there
     _gemm_kernel[grid](*args, tl.constexpr(num_k) if interpreting() else num_k, EVEN_K=K % kw["BK"] == 0,
-                       EVEN_M=M % kw["BM"] == 0, EVEN_N=N % kw["BN"] == 0,
                        DOT_F32=dot_f32, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
 
 

@@ -10,8 +10,8 @@ its call are left out). Runs as a script or through `count(...)`.
     python scripts/count_sass.py nv:IS_NV=True,SR=False mx:IS_NV=False --json out.json
     python scripts/count_sass.py --other-kernels                    # compile (and count) the other kernels too
 
-`--other-kernels` compiles the grouped statistics kernels, the grouped quantizer with its column sums, the GEMM
-epilogue pass with the mean row and the Triton GEMM in the wgrad layout (its load widths) for sm_90:
+`--other-kernels` compiles the grouped statistics kernels, the grouped quantizer with its column sums and the GEMM
+epilogue pass with the mean row for sm_90:
 a kernel that does not compile for Hopper fails here, on any machine, instead of on the GPU.
 """
 
@@ -91,22 +91,9 @@ def compile_sm90(fn, constexprs: dict, pointers: dict | None = None, num_warps: 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
-def gemm_wgrad_layout(even: bool = True) -> bytes:
-    """The Triton GEMM as the wgrad launches it (dYᵀ·X: both operands' unit stride along the output dims, M the
-    runtime capacity-free output rows), 128×128×64 tiles, 4 stages; `even` = BM | M and BN | N (EVEN_M/EVEN_N)."""
-    from hf_lowbit.kernels import gemm
-
-    consts = dict(EVEN_K=True, EVEN_M=even, EVEN_N=even, HAS_SCALE=True, HAS_VROW=False, HAS_R1=True, HAS_R2=True,
-                  WGRAD=True, HAS_RMASK=False, ROUND_BF16=True, DOT_F32=False, BM=128, BN=128, BK=64, GROUP_M=8,
-                  sam=1, sbn=1)
-    div16 = {"a_ptr", "b_ptr", "c_ptr", "N", "K", "sak", "sbk", "scm", "sag", "sbg", "scg"}  # M: not specialized
-    return compile_sm90(gemm._gemm_kernel, consts, dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16"),
-                        div16=div16, num_stages=4)
-
-
 def other_kernels() -> dict[str, bytes]:
-    """The grouped path's statistics kernels, its quantizer with column sums, the epilogue pass with the mean row and
-    the Triton GEMM in the wgrad layout, compiled for sm_90."""
+    """The grouped path's statistics kernels, its quantizer with column sums and the epilogue pass with the mean row,
+    compiled for sm_90."""
     from hf_lowbit.kernels import gemm, grouped
 
     # the specializations of a P8 launch: unit column stride, 16-divisible pointers, sizes and row strides (they
@@ -125,7 +112,6 @@ def other_kernels() -> dict[str, bytes]:
         "quant_grouped_col_sum": compile_quant_kernel(GROUPED=True, COL_SUM=True),
         "epilogue_mean_row": compile_sm90(gemm._epilogue_kernel, epilogue, dict(o_ptr="*bf16"), num_warps=4,
                                           div16=epilogue_div16),
-        "gemm_wgrad_layout": gemm_wgrad_layout(),
     }
 
 

@@ -175,12 +175,7 @@ def test_sass_count_of_the_quantizer_compiles_for_hopper_without_a_gpu(tmp_path)
     rows = json.loads(out.read_text())["variants"]
     # the grouped path's other kernels compile for Hopper too (a GPU-only compile error shows here, on any machine)
     assert {"group_col_absmax", "group_col_stats", "group_finalize", "quant_grouped_col_sum",
-            "epilogue_mean_row", "gemm_wgrad_layout"} <= set(rows)
-    # the wgrad GEMM's operands (unit stride along M and N) load through cp.async (LDGSTS), 16 bytes at a time; with
-    # `offs_m % M` on an unspecialized M they were 64 scalar BF16 loads (LDG) per thread and tile step; the few LDG
-    # left are the epilogue's vectors and scales
-    wg = rows["gemm_wgrad_layout"]["opcodes"]
-    assert wg.get("LDGSTS", 0) >= 64 and wg.get("LDG", 0) <= 8, wg
+            "epilogue_mean_row"} <= set(rows)
     row = rows["mx"]
     assert row["consts"] == {"IS_NV": False, "B": 32}
     # 64×64 tile, 128 threads: 32 elements per thread and axis, each loaded, centred, maxed, scaled, rounded, stored
