@@ -220,11 +220,11 @@ def _token_sums(col: torch.Tensor, mp: torch.Tensor, recipe: Recipe, seed: int) 
 def _wgrad_operand(z: torch.Tensor, lp: int, rowok: torch.Tensor, mu: torch.Tensor, ts: torch.Tensor | None,
                    recipe: Recipe, rounding: str, seed: int, seed_part: int, row: bool, col: bool, want_sum: bool
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    # the row-axis operand has MEAN_ROWS spare rows per group: [G·(lp + MEAN_ROWS), K] (see `_gemm_rows`)
     """(row-axis operand, token-axis wgrad operand, the latter's tensor scales, its per-group token sums or None) of
     z [G·lp, K]: the token axis from the same launch as the row axis (with the sums when `want_sum`), or from its own
     (`kernels/token_axis.py`): always for the rotated residual (``hadamard=True``, its own tensor scales), else with
-    HF_LOWBIT_COL_KERNEL=split; the sums are then None (see `_token_sums`)."""
+    HF_LOWBIT_COL_KERNEL=split; the sums are then None (see `_token_sums`). The row-axis operand has MEAN_ROWS spare
+    rows per group, [G·(lp + MEAN_ROWS), K] (see `_gemm_rows`)."""
     split = col and (recipe.hadamard or split_col_kernel())
     z_row = z_col = z_sum = None
     if row or (col and not split):

@@ -186,7 +186,8 @@ def fma_quotient(r, den, y):
     division (den in [2^-100, 2^100], r finite): q0 = RN(r·y) is within 1.5 ulp of r/den; one correction
     q1 = RN(q0 + (r − den·q0)·y) is faithful; Markstein's theorem (y within ½ ulp of 1/den, q1 within 1 ulp of r/den)
     makes the remainder r − den·q1 exact in one FMA and RN(q1 + remainder·y) the correctly rounded quotient
-    (proof and checks: benchmarks/NOTES.md, ninth session; tests/test_kernels.py, exact rational arithmetic)."""
+    (proof and checks: benchmarks/NOTES.md, 2026-11-30 sixth session; tests/test_kernels.py, exact rational
+    arithmetic)."""
     q0 = r * y
     q1 = tl.fma(tl.fma(-den, q0, r), y, q0)
     return tl.fma(tl.fma(-den, q1, r), y, q1)
@@ -205,12 +206,18 @@ def _nv_scaled(r, den, y, bad, SR: tl.constexpr, FMA_QUOT: tl.constexpr):
         q = r * y
     elif FMA_QUOT and COMPILED:
         if tl.max(bad.to(tl.int32)) > 0:
-            q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
+            q = _ieee_quotient(r, den)
         else:
             q = fma_quotient(r, den, y)
     else:
-        q = tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
+        q = _ieee_quotient(r, den)
     return q
+
+
+@triton.jit
+def _ieee_quotient(r, den):
+    """fl(r / den) by IEEE division, 0 where den = 0 (an all-zero block)."""
+    return tl.where(den == 0, 0.0, tl.math.div_rn(r, tl.where(den == 0, 1.0, den)))
 
 
 @triton.jit
@@ -412,7 +419,7 @@ def _quantize_vector_block(mu, cols, ts, seed, BK: tl.constexpr, B: tl.constexpr
         sbf, sbyte = _nv_block_scale(amax_b, ts)
         sbf = tl.where(ts != ts, float("nan"), sbf)
         den = (sbf * ts)[:, None]
-        scaled = tl.where(den == 0, 0.0, tl.math.div_rn(m2, tl.where(den == 0, 1.0, den)))
+        scaled = _ieee_quotient(m2, den)
     else:
         b = e8m0_from_amax(amax_b, MX_CEIL)
         sbf = e8m0_scale(b)
